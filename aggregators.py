@@ -1,0 +1,428 @@
+"""Server-side aggregation of federated LoRA: one pure function per method.
+
+Every method has the same contract, per LoRA layer (leading dims batch same-shape layers):
+
+    fn(A, B, w, **options) -> Update(A, B, delta_w)
+
+    A: (..., K, r, d_in)   the K participating clients' down-projections A_k
+    B: (..., K, d_out, r)  their up-projections B_k
+    w: (K,)                client weights p_k = n_k / sum_j n_j (finite, >= 0, summing to 1)
+
+    Update.A: (..., r, d_in) or None     new global A (None: re-initialised / kept by clients)
+    Update.B: (..., d_out, r) or None    new global B
+    Update.delta_w: (..., d_out, d_in) or None   folded into the frozen base weight W0,
+                                                 in B @ A units (the caller multiplies by alpha/r)
+
+Notation of the LoRA-FAIR paper (arXiv 2411.14961):
+    A_bar = sum_k p_k A_k,  B_bar = sum_k p_k B_k,  dW = sum_k p_k B_k A_k   (the ideal update, Eq. 6)
+FedIT's global adapter B_bar A_bar differs from dW; each method below handles that gap differently.
+
+Nothing big is ever formed where it is not needed: dW = U V with U = [p_1 B_1 ... p_K B_K]
+(d_out, K r) and V = [A_1; ...; A_K] (K r, d_in), so LoRA-FAIR's solver and FlexLoRA's SVD work on
+matrices of size K r instead of d_out x d_in.
+
+This file depends on torch and the standard library only, so it can be copied alone.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+Names = Union[str, Sequence[str]]
+
+
+class Update(NamedTuple):
+    A: Optional[Tensor]        # (..., r, d_in)
+    B: Optional[Tensor]        # (..., d_out, r)
+    delta_w: Optional[Tensor]  # (..., d_out, d_in), in B @ A units
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _name(layer: Names, flat_index: int) -> str:
+    if isinstance(layer, str):
+        return layer if flat_index < 0 else f"{layer}[{flat_index}]"
+    return layer[flat_index] if flat_index >= 0 else ", ".join(layer)
+
+
+def check_weights(w, K: Optional[int] = None, *, layer: Names = "layer") -> Tensor:
+    """Return w as a 1-D tensor after checking it is a valid set of client weights p_k."""
+    w = torch.as_tensor(w)
+    if w.dim() != 1:
+        raise ValueError(f"{_name(layer, -1)}: client weights must be 1-D (K,), got shape {tuple(w.shape)}")
+    if K is not None and w.numel() != K:
+        raise ValueError(f"{_name(layer, -1)}: {w.numel()} client weights for {K} clients; "
+                         "pass one weight p_k = n_k / sum_j n_j per client")
+    if w.numel() == 0:
+        raise ValueError(f"{_name(layer, -1)}: no clients (K = 0); at least one client must take part")
+    w64 = w.detach().double()
+    if not torch.isfinite(w64).all():
+        raise ValueError(f"{_name(layer, -1)}: client weights contain NaN/Inf: {w64.tolist()}")
+    if (w64 < 0).any():
+        raise ValueError(f"{_name(layer, -1)}: client weights must be >= 0, got {w64.tolist()}")
+    if abs(w64.sum().item() - 1.0) > 1e-6:
+        raise ValueError(f"{_name(layer, -1)}: client weights sum to {w64.sum().item():.8g}, not 1; "
+                         "normalise them (p_k = n_k / sum_j n_j)")
+    return w
+
+
+def _check(A: Tensor, B: Tensor, w, layer: Names) -> Tensor:
+    """Check shapes, finiteness and weights; return w on A's device and dtype."""
+    if A.dim() < 3 or B.dim() < 3:
+        raise ValueError(f"{_name(layer, -1)}: expected A (..., K, r, d_in) and B (..., K, d_out, r), "
+                         f"got A {tuple(A.shape)} and B {tuple(B.shape)}")
+    if A.shape[:-2] != B.shape[:-2]:
+        raise ValueError(f"{_name(layer, -1)}: A {tuple(A.shape)} and B {tuple(B.shape)} disagree on "
+                         "the leading dims or the number of clients K")
+    K, r, d_in = A.shape[-3:]
+    d_out, r_b = B.shape[-2:]
+    if r != r_b:
+        raise ValueError(f"{_name(layer, -1)}: rank mismatch, A has r = {r} rows but B has {r_b} columns")
+    if r == 0 or r > min(d_out, d_in):
+        raise ValueError(f"{_name(layer, -1)}: rank r = {r} must be in 1..min(d_out, d_in) = {min(d_out, d_in)}")
+    if A.dtype != B.dtype or A.device != B.device:
+        raise ValueError(f"{_name(layer, -1)}: A ({A.dtype}, {A.device}) and B ({B.dtype}, {B.device}) "
+                         "must share dtype and device")
+    if not A.is_floating_point():
+        raise ValueError(f"{_name(layer, -1)}: LoRA factors must be floating point, got {A.dtype}")
+    w = check_weights(w, K, layer=layer)
+    lead = A.shape[:-3]
+    for name, X in (("A", A), ("B", B)):
+        bad = ~torch.isfinite(X.reshape(math.prod(lead), K, -1)).all(-1)  # (L, K)
+        if bad.any():
+            l, k = (int(i) for i in bad.nonzero()[0])
+            where = _name(layer, l if lead else -1)
+            raise ValueError(f"{where}: client {k}'s {name} contains NaN/Inf; leave that client out "
+                             "of the round and renormalise the weights")
+    return w.to(device=A.device, dtype=A.dtype)
+
+
+def _shared(X: Tensor, tol: float, layer: Names, what: str) -> Tensor:
+    """Check the clients' copies of a factor that must be shared are identical; return one copy."""
+    X0 = X[..., :1, :, :]                                                     # (..., 1, m, n)
+    lead = X.shape[:-3]
+    spread = (X - X0).abs().flatten(-3).amax(-1).reshape(-1)                  # (L,)
+    scale = X0.abs().flatten(-3).amax(-1).reshape(-1)
+    bad = (spread > tol * scale).nonzero()
+    if len(bad):
+        l = int(bad[0])
+        raise ValueError(f"{_name(layer, l if lead else -1)}: {what}, but the clients' copies differ "
+                         f"by up to {spread[l].item():.3g}")
+    return X0.squeeze(-3)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def weighted_mean(X: Tensor, w: Tensor) -> Tensor:
+    """sum_k p_k X_k over the client dim -3: (..., K, m, n) -> (..., m, n)."""
+    return torch.einsum("...kmn,k->...mn", X, w)
+
+
+def stacked_factors(A: Tensor, B: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+    """U = [p_1 B_1 ... p_K B_K], V = [A_1; ...; A_K], so that U @ V = dW = sum_k p_k B_k A_k.
+
+    This is FLoRA's stacking; it lets every method see dW at rank K r without forming it.
+    """
+    *lead, K, r, d_in = A.shape
+    d_out = B.shape[-2]
+    U = (B * w[:, None, None]).movedim(-3, -2).reshape(*lead, d_out, K * r)  # (..., d_out, K r)
+    V = A.reshape(*lead, K * r, d_in)                                          # (..., K r, d_in)
+    return U, V
+
+
+def ideal_update(A: Tensor, B: Tensor, w) -> Tensor:
+    """dW = sum_k p_k B_k A_k (Eq. 6), formed densely: (..., d_out, d_in)."""
+    w = _check(A, B, w, "layer")
+    U, V = stacked_factors(A, B, w)
+    return U @ V
+
+
+# ----------------------------------------------------------------------------- the methods
+
+def fedit(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
+    """FedIT: average the factors separately, A_bar = sum p_k A_k and B_bar = sum p_k B_k.
+
+    Clients continue from (A_bar, B_bar). Biased: B_bar A_bar != dW = sum p_k B_k A_k (Eq. 6),
+    because a product does not distribute over sums.
+    """
+    w = _check(A, B, w, layer)
+    return Update(weighted_mean(A, w), weighted_mean(B, w), None)
+
+
+def ffa(A: Tensor, B: Tensor, w, *, layer: Names = "layer", tol: float = 0.0) -> Update:
+    """FFA-LoRA: A is frozen at one shared initialisation; only B is trained and averaged.
+
+    Exact, since B_bar A = sum p_k B_k A. The clients' A must really be identical (up to `tol`,
+    relative to max |A|); otherwise the average would be silently biased.
+    """
+    w = _check(A, B, w, layer)
+    A0 = _shared(A, tol, layer, "ffa needs one frozen A shared by every client (freeze it at one init)")
+    return Update(A0, weighted_mean(B, w), None)
+
+
+def flora(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
+    """FLoRA: stack the clients' modules, [p_1 B_1 ... p_K B_K] @ [A_1; ...; A_K] = dW exactly.
+
+    dW is folded into the frozen weight (delta_w = dW) and every client re-initialises its LoRA
+    (A random, B = 0) next round, so A and B are None.
+    """
+    w = _check(A, B, w, layer)
+    U, V = stacked_factors(A, B, w)
+    return Update(None, None, U @ V)                                          # (..., d_out, d_in)
+
+
+def flexlora(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
+    """FlexLoRA: truncated rank-r SVD of dW, handed back as B = U_r diag(S_r), A = V_r^T.
+
+    B A is the best rank-r approximation of dW (Eckart-Young). Computed on the factors:
+    U = Q_u R_u, V^T = Q_v R_v (QR), SVD of the small core R_u R_v^T = P S Q^T, then
+    dW = (Q_u P) S (Q_v Q)^T is already an SVD of dW, at O((d_out + d_in) (K r)^2) instead of a
+    dense SVD of d_out x d_in.
+    """
+    w = _check(A, B, w, layer)
+    r = A.shape[-2]
+    U, V = stacked_factors(A, B, w)                 # U: (..., d_out, K r)  V: (..., K r, d_in)
+    Qu, Ru = torch.linalg.qr(U)                     # Qu: (..., d_out, m1)  Ru: (..., m1, K r)
+    Qv, Rv = torch.linalg.qr(V.mT)                  # Qv: (..., d_in, m2)   Rv: (..., m2, K r)
+    P, S, Qh = torch.linalg.svd(Ru @ Rv.mT, full_matrices=False)  # core: (..., m1, m2)
+    B_new = (Qu @ P[..., :r]) * S[..., None, :r]    # (..., d_out, r)
+    A_new = Qh[..., :r, :] @ Qv.mT                  # (..., r, d_in)
+    return Update(A_new, B_new, None)
+
+
+def fedex(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
+    """FedEx-LoRA: FedIT's (A_bar, B_bar) plus the exact residual delta_w = dW - B_bar A_bar.
+
+    The residual goes into the frozen weight, so W0 + delta_w + B_bar A_bar = W0 + dW exactly.
+    """
+    w = _check(A, B, w, layer)
+    A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)
+    U, V = stacked_factors(A, B, w)
+    return Update(A_bar, B_bar, U @ V - B_bar @ A_bar)
+
+
+def fedsa(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
+    """FedSA-LoRA: share A only. A_bar = sum p_k A_k; each client keeps its own B_k (B is None)."""
+    w = _check(A, B, w, layer)
+    return Update(weighted_mean(A, w), None, None)
+
+
+def rolora(A: Tensor, B: Tensor, w, *, phase: str, layer: Names = "layer", tol: float = 0.0) -> Update:
+    """RoLoRA: clients alternate which factor they train; only that one is averaged.
+
+    phase='A': A_bar = sum p_k A_k with B shared (identical on all clients, passed through);
+    phase='B': B_bar = sum p_k B_k with A shared. Either way the product is exact:
+    B A_bar = sum p_k B A_k and B_bar A = sum p_k B_k A.
+    """
+    w = _check(A, B, w, layer)
+    if phase not in ("A", "B"):
+        raise ValueError(f"{_name(layer, -1)}: rolora phase must be 'A' or 'B', got {phase!r}")
+    if phase == "A":
+        return Update(weighted_mean(A, w), _shared(B, tol, layer, "rolora phase 'A' needs one B shared by every client"), None)
+    return Update(_shared(A, tol, layer, "rolora phase 'B' needs one A shared by every client"), weighted_mean(B, w), None)
+
+
+def _cosine_parts(U: Tensor, V: Tensor, A_bar: Tensor, similarity: str, eps: float):
+    """Precompute what cos(dW, B' A_bar) needs, for any B'; return a function of B'.
+
+    flat:   cos = <dW, B' A_bar>_F / (||dW||_F ||B' A_bar||_F), with
+            <dW, B' A_bar> = sum(B' * C), C = dW A_bar^T = U (V A_bar^T)       (d_out, r)
+            ||B' A_bar||^2 = sum((B' G) * B'), G = A_bar A_bar^T              (r, r)
+            ||dW||^2 = sum((U^T U) * (V V^T))
+    column: mean over the d_in columns j of cos(dW[:, j], (B' A_bar)[:, j]), with
+            <dW_j, Y_j> = sum_i V_ij ((U^T B') A_bar)_ij,  ||dW_j||^2 = V_j^T (U^T U) V_j,
+            ||Y_j||^2 = A_bar_j^T (B'^T B') A_bar_j.
+    Norms are clamped below at eps, as torch.nn.functional.cosine_similarity does.
+    """
+    UtU = U.mT @ U                                                            # (..., K r, K r)
+    if similarity == "flat":
+        C = U @ (V @ A_bar.mT)                                                # (..., d_out, r)
+        G = A_bar @ A_bar.mT                                                  # (..., r, r)
+        nX = (UtU * (V @ V.mT)).sum((-2, -1)).clamp_min(0).sqrt().clamp_min(eps)  # (...,)
+
+        def cos(Bp: Tensor) -> Tensor:
+            inner = (Bp * C).sum((-2, -1))
+            nY = ((Bp @ G) * Bp).sum((-2, -1)).clamp_min(eps * eps).sqrt()
+            return inner / (nX * nY)                                          # (...,)
+        return cos
+    if similarity == "column":
+        nX = (V * (UtU @ V)).sum(-2).clamp_min(0).sqrt().clamp_min(eps)      # (..., d_in)
+
+        def cos(Bp: Tensor) -> Tensor:
+            inner = (V * ((U.mT @ Bp) @ A_bar)).sum(-2)                       # (..., d_in)
+            nY = (A_bar * ((Bp.mT @ Bp) @ A_bar)).sum(-2).clamp_min(eps * eps).sqrt()
+            return (inner / (nX * nY)).mean(-1)                               # (...,)
+        return cos
+    raise ValueError(f"lorafair similarity must be 'flat' or 'column', got {similarity!r}")
+
+
+def lorafair(A: Tensor, B: Tensor, w, *, layer: Names = "layer", steps: int = 1000, lr: float = 0.01,
+             lam: float = 0.01, init: str = "zeros", similarity: str = "flat", eps: float = 1e-8,
+             seed: int = 0) -> Update:
+    """LoRA-FAIR: (A_bar, B_bar + dB), with the residual dB of Eq. 8,
+
+        dB = argmin [1 - cos(dW, (B_bar + dB) A_bar)] + lam ||dB||_F^2,
+
+    found by `steps` steps of plain SGD at `lr` on the server, from dB = 0 ('zeros') or
+    Xavier-uniform noise ('xavier'). W0 is never changed; clients start next round from
+    (A_bar, B_bar + dB). Batched layers are independent terms of one summed loss, so one call
+    equals one optimiser over all layers.
+
+    Defaults: lam = 0.01, lr = 0.01 and 1000 steps are the paper's and its derived code's values.
+    init='zeros' (not the derived code's 'xavier'): with realistic LoRA magnitudes, Xavier noise
+    of scale sqrt(6 / (d_out + r)) dwarfs B_bar and 1000 steps at lr 0.01 do not remove it, so the
+    refined B ends further from dW than B_bar (see README); from zero, dB only moves where the
+    cosine pulls. similarity='flat' is Eq. 8 as written; 'column' is the derived code's mean of
+    per-column cosines.
+    """
+    w = _check(A, B, w, layer)
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"lorafair steps must be an integer >= 0, got {steps!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lorafair lr must be a finite number > 0, got {lr!r}")
+    if not (lam >= 0 and math.isfinite(lam)):
+        raise ValueError(f"lorafair lam must be a finite number >= 0, got {lam!r}")
+    if lr * lam >= 1:
+        raise ValueError(f"lorafair: lr * lam = {lr * lam:g} >= 1 makes SGD on the term lam ||dB||^2 "
+                         "diverge (each step multiplies dB by 1 - 2 lr lam); lower lr or lam")
+    if init not in ("zeros", "xavier"):
+        raise ValueError(f"lorafair init must be 'zeros' or 'xavier', got {init!r}")
+
+    A, B = A.detach(), B.detach()
+    A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)  # A_bar: (..., r, d_in)  B_bar: (..., d_out, r)
+    U, V = stacked_factors(A, B, w)                          # U: (..., d_out, K r)  V: (..., K r, d_in)
+    cos = _cosine_parts(U, V, A_bar, similarity, eps)
+
+    if init == "zeros":
+        dB = torch.zeros_like(B_bar)
+    else:  # xavier_uniform_ on each (d_out, r) matrix: bound sqrt(6 / (fan_in + fan_out))
+        d_out, r = B_bar.shape[-2:]
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.rand(B_bar.shape, generator=g, dtype=torch.float64) * 2 - 1
+        dB = (noise * math.sqrt(6.0 / (d_out + r))).to(B_bar)
+    with torch.enable_grad():
+        dB.requires_grad_(True)
+        for _ in range(steps):
+            loss = (1 - cos(B_bar + dB) + lam * dB.square().sum((-2, -1))).sum()
+            (grad,) = torch.autograd.grad(loss, dB)
+            with torch.no_grad():
+                dB -= lr * grad
+    return Update(A_bar, B_bar + dB.detach(), None)
+
+
+AGGREGATORS: dict[str, Callable[..., Update]] = {
+    "fedit": fedit, "ffa": ffa, "flora": flora, "flexlora": flexlora,
+    "fedex": fedex, "fedsa": fedsa, "rolora": rolora, "lorafair": lorafair,
+}
+
+
+def get_aggregator(method: str) -> Callable[..., Update]:
+    if method not in AGGREGATORS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(AGGREGATORS)}")
+    return AGGREGATORS[method]
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+def applied_update(update: Update, A: Tensor, B: Tensor, w: Tensor) -> Tensor:
+    """What the global model's adapter product becomes, B A + delta_w: (..., d_out, d_in).
+
+    A factor the method leaves to the clients (None) is taken as its plain average, which is what
+    FedSA's B_bar would be and what FLoRA's re-initialised B = 0 contributes nothing to.
+    """
+    if update.A is None and update.B is None:
+        out = torch.zeros_like(update.delta_w)
+    else:
+        A_g = update.A if update.A is not None else weighted_mean(A, w)
+        B_g = update.B if update.B is not None else weighted_mean(B, w)
+        out = B_g @ A_g
+    return out if update.delta_w is None else out + update.delta_w
+
+
+def diagnostics(update: Update, A: Tensor, B: Tensor, w, *, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
+    """cos(dW, dW_applied) and ||dW - dW_applied||_F / ||dW||_F per layer: two (...,) tensors."""
+    w = torch.as_tensor(w).to(A)
+    U, V = stacked_factors(A, B, w)
+    dW = U @ V                                                                # (..., d_out, d_in)
+    applied = applied_update(update, A, B, w)
+    nX = dW.flatten(-2).norm(dim=-1).clamp_min(eps)
+    nY = applied.flatten(-2).norm(dim=-1).clamp_min(eps)
+    cos = (dW * applied).sum((-2, -1)) / (nX * nY)
+    rel = (dW - applied).flatten(-2).norm(dim=-1) / nX
+    return cos, rel
+
+
+# ----------------------------------------------------------------------------- state dicts
+
+class StateUpdate(NamedTuple):
+    state: dict[str, Tensor]    # new global adapter keys (where the method returns them) and the rest, FedAvg'd
+    delta_w: dict[str, Tensor]  # layer prefix -> delta_w to fold into that layer's base weight
+    cos: dict[str, float]       # layer prefix -> cos(dW, dW_applied)
+    rel_err: dict[str, float]   # layer prefix -> ||dW - dW_applied|| / ||dW||
+
+
+def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: str,
+                     **options) -> StateUpdate:
+    """Aggregate whole client state dicts with one method.
+
+    Keys `<prefix>.lora_A.weight` / `<prefix>.lora_B.weight` (HF PEFT's naming) are paired into
+    layers; layers of the same shape are stacked into one batched call of the method; every other
+    floating key (e.g. the classifier head) is FedAvg'd, sum_k p_k x_k; non-floating keys must
+    agree across clients and are copied.
+    """
+    fn = get_aggregator(method)
+    K = len(states)
+    w = check_weights(torch.as_tensor(weights, dtype=torch.float64), K, layer="state dicts")
+    keys = list(states[0].keys())
+    for k, s in enumerate(states[1:], start=1):
+        if set(s.keys()) != set(keys):
+            diff = sorted(set(s.keys()) ^ set(keys))
+            raise ValueError(f"client {k}'s state dict has different keys from client 0's: {diff[:5]}")
+    prefixes = [k[: -len(".lora_A.weight")] for k in keys if k.endswith(".lora_A.weight")]
+    for p in prefixes:
+        if p + ".lora_B.weight" not in states[0]:
+            raise ValueError(f"layer {p}: has lora_A.weight but no lora_B.weight")
+    for k in keys:
+        if k.endswith(".lora_B.weight") and k[: -len(".lora_B.weight")] not in prefixes:
+            raise ValueError(f"layer {k[: -len('.lora_B.weight')]}: has lora_B.weight but no lora_A.weight")
+
+    groups: dict[tuple, list[str]] = {}
+    for p in prefixes:
+        A0, B0 = states[0][p + ".lora_A.weight"], states[0][p + ".lora_B.weight"]
+        for k, s in enumerate(states):
+            if s[p + ".lora_A.weight"].shape != A0.shape or s[p + ".lora_B.weight"].shape != B0.shape:
+                raise ValueError(f"layer {p}: client {k}'s factors have shapes "
+                                 f"{tuple(s[p + '.lora_A.weight'].shape)}, {tuple(s[p + '.lora_B.weight'].shape)}; "
+                                 f"client 0's are {tuple(A0.shape)}, {tuple(B0.shape)}")
+        groups.setdefault((tuple(A0.shape), tuple(B0.shape), A0.dtype, A0.device), []).append(p)
+
+    out = StateUpdate({}, {}, {}, {})
+    for group in groups.values():
+        A = torch.stack([torch.stack([s[p + ".lora_A.weight"] for s in states]) for p in group])  # (L, K, r, d_in)
+        B = torch.stack([torch.stack([s[p + ".lora_B.weight"] for s in states]) for p in group])  # (L, K, d_out, r)
+        wg = w.to(device=A.device, dtype=A.dtype)
+        upd = fn(A, B, wg, layer=group, **options)
+        cos, rel = diagnostics(upd, A, B, wg)
+        for i, p in enumerate(group):
+            if upd.A is not None:
+                out.state[p + ".lora_A.weight"] = upd.A[i]
+            if upd.B is not None:
+                out.state[p + ".lora_B.weight"] = upd.B[i]
+            if upd.delta_w is not None:
+                out.delta_w[p] = upd.delta_w[i]
+            out.cos[p], out.rel_err[p] = cos[i].item(), rel[i].item()
+    for key in keys:
+        if key.endswith((".lora_A.weight", ".lora_B.weight")):
+            continue
+        x0 = states[0][key]
+        if x0.is_floating_point():
+            stacked = torch.stack([s[key] for s in states])                  # (K, ...)
+            out.state[key] = torch.tensordot(w.to(device=x0.device, dtype=x0.dtype), stacked, dims=1)
+        else:
+            if any(not torch.equal(s[key], x0) for s in states):
+                raise ValueError(f"{key}: non-floating entry differs across clients; cannot average it")
+            out.state[key] = x0.clone()
+    return out

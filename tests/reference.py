@@ -1,0 +1,52 @@
+"""Dense reference implementations: the obvious d_out x d_in way, kept to check the fast ones.
+
+They follow the paper's formulas literally (form dW, form (B_bar + dB) A_bar at every SGD step,
+run a dense SVD), so any disagreement with aggregators.py is a bug in one of them.
+"""
+import math
+
+import torch
+
+
+def dense_dW(A, B, w):
+    """dW = sum_k p_k B_k A_k, one client at a time: (..., d_out, d_in)."""
+    return sum(w[k] * B[..., k, :, :] @ A[..., k, :, :] for k in range(A.shape[-3]))
+
+
+def dense_cos(X, Y, similarity, eps=1e-8):
+    if similarity == "flat":
+        nX = X.flatten(-2).norm(dim=-1).clamp_min(eps)
+        nY = Y.flatten(-2).norm(dim=-1).clamp_min(eps)
+        return (X * Y).sum((-2, -1)) / (nX * nY)
+    nX = X.norm(dim=-2).clamp_min(eps)   # one norm per column: (..., d_in)
+    nY = Y.norm(dim=-2).clamp_min(eps)
+    return ((X * Y).sum(-2) / (nX * nY)).mean(-1)
+
+
+def dense_lorafair(A, B, w, *, steps=1000, lr=0.01, lam=0.01, init="zeros", similarity="flat", seed=0):
+    """Eq. 8 by SGD, forming dW and (B_bar + dB) A_bar densely at every step."""
+    A_bar = torch.einsum("...krd,k->...rd", A, w)
+    B_bar = torch.einsum("...kdr,k->...dr", B, w)
+    dW = dense_dW(A, B, w)
+    if init == "zeros":
+        dB = torch.zeros_like(B_bar)
+    else:
+        d_out, r = B_bar.shape[-2:]
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.rand(B_bar.shape, generator=g, dtype=torch.float64) * 2 - 1
+        dB = (noise * math.sqrt(6.0 / (d_out + r))).to(B_bar)
+    dB.requires_grad_(True)
+    opt = torch.optim.SGD([dB], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = (1 - dense_cos(dW, (B_bar + dB) @ A_bar, similarity) + lam * (dB ** 2).sum((-2, -1))).sum()
+        loss.backward()
+        opt.step()
+    return A_bar, (B_bar + dB).detach()
+
+
+def dense_flexlora(A, B, w):
+    """Truncated SVD of the dense dW: B = U_r diag(S_r), A = V_r^T."""
+    r = A.shape[-2]
+    U, S, Vh = torch.linalg.svd(dense_dW(A, B, w), full_matrices=False)
+    return Vh[..., :r, :], U[..., :r] * S[..., None, :r]

@@ -1,0 +1,387 @@
+"""Every aggregator against hand-computed values, its invariants and the dense references.
+
+float64 throughout; layers are non-square (d_out != d_in) so a transposed product cannot pass.
+"""
+import pytest
+import torch
+
+from aggregators import (AGGREGATORS, Update, aggregate_states, applied_update, diagnostics, fedex, fedit,
+                         fedsa, ffa, flexlora, flora, get_aggregator, lorafair, rolora)
+from tests.reference import dense_dW, dense_flexlora, dense_lorafair
+
+D_OUT, D_IN, R = 9, 7, 2
+OPTS = {"rolora": {"phase": "A"}, "lorafair": {"steps": 100}}
+
+
+def clients(K=3, lead=(), r=R, d_out=D_OUT, d_in=D_IN, seed=0, method=None, device="cpu"):
+    """Random client factors A: (*lead, K, r, d_in), B: (*lead, K, d_out, r) and weights w: (K,).
+
+    For ffa the clients share one A; for rolora (phase 'A') one B, as those methods require.
+    """
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(*lead, K, r, d_in, generator=g, dtype=torch.float64)
+    B = torch.randn(*lead, K, d_out, r, generator=g, dtype=torch.float64)
+    if method == "ffa":
+        A = A[..., :1, :, :].expand_as(A).clone()
+    if method == "rolora":
+        B = B[..., :1, :, :].expand_as(B).clone()
+    w = torch.rand(K, generator=g, dtype=torch.float64) + 0.1
+    return A.to(device), B.to(device), (w / w.sum()).to(device)
+
+
+def avg(X, w):
+    return sum(w[k] * X[..., k, :, :] for k in range(X.shape[-3]))
+
+
+def product(u: Update, A, B, w):
+    """The global model's adapter contribution B A + delta_w (None factors as in applied_update)."""
+    return applied_update(u, A, B, w)
+
+
+def run(method, A, B, w, **kw):
+    return AGGREGATORS[method](A, B, w, **{**OPTS.get(method, {}), **kw})
+
+
+def test_registry_names():
+    assert list(AGGREGATORS) == ["fedit", "ffa", "flora", "flexlora", "fedex", "fedsa", "rolora", "lorafair"]
+    with pytest.raises(ValueError, match="unknown method 'fedavg'.*fedit"):
+        get_aggregator("fedavg")
+
+
+def test_hand_computed_two_clients():
+    # client 1 adapts input 0 -> output 0, client 2 input 1 -> output 1 (r = 1, d_out = 3, d_in = 2)
+    A = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]], dtype=torch.float64)        # (2, 1, 2)
+    B = torch.tensor([[[1.0], [0.0], [0.0]], [[0.0], [1.0], [0.0]]], dtype=torch.float64)  # (2, 3, 1)
+    w = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    u = fedit(A, B, w)
+    assert torch.equal(u.A, torch.tensor([[0.5, 0.5]], dtype=torch.float64))
+    assert torch.equal(u.B, torch.tensor([[0.5], [0.5], [0.0]], dtype=torch.float64))
+    dW = torch.tensor([[0.5, 0.0], [0.0, 0.5], [0.0, 0.0]], dtype=torch.float64)
+    assert torch.equal(flora(A, B, w).delta_w, dW)
+    # FedIT's product smears both updates over both inputs: the aggregation bias of Eq. 6
+    assert torch.equal(u.B @ u.A, torch.tensor([[0.25, 0.25], [0.25, 0.25], [0.0, 0.0]], dtype=torch.float64))
+    assert torch.equal(fedex(A, B, w).delta_w, dW - u.B @ u.A)
+    # the best rank-1 approximation of diag(0.5, 0.5) keeps one direction: error 0.5 in Frobenius norm
+    f = flexlora(A, B, w)
+    assert torch.linalg.matrix_norm(dW - f.B @ f.A).item() == pytest.approx(0.5, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_permutation_invariance(method):
+    A, B, w = clients(K=4, method=method)
+    perm = torch.tensor([2, 0, 3, 1])
+    u, v = run(method, A, B, w), run(method, A[perm], B[perm], w[perm])
+    for x, y in zip(u, v):
+        assert (x is None) == (y is None)
+        if x is not None and method != "flexlora":  # SVD factors are unique only up to sign
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(product(u, A, B, w), product(v, A[perm], B[perm], w[perm]), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_one_client_is_identity(method):
+    A, B, w = clients(K=1, method=method)
+    u = run(method, A, B, torch.ones(1, dtype=torch.float64))
+    torch.testing.assert_close(product(u, A, B, w), B[0] @ A[0], rtol=1e-10, atol=1e-10)
+    if method in ("fedit", "fedex", "lorafair", "ffa", "rolora"):
+        torch.testing.assert_close(u.A, A[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(u.B, B[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_identical_clients_leave_the_model_unchanged(method):
+    A, B, w = clients(K=1, method=method)
+    A, B = A.expand(4, -1, -1).clone(), B.expand(4, -1, -1).clone()
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    u = run(method, A, B, w)
+    torch.testing.assert_close(product(u, A, B, w), B[0] @ A[0], rtol=1e-10, atol=1e-10)
+    if u.delta_w is not None and method != "flora":
+        assert u.delta_w.abs().max() < 1e-12
+
+
+def test_weights_are_normalised_sums():
+    A, B, w = clients(K=3)
+    torch.testing.assert_close(fedit(A, B, w).A, avg(A, w))
+    torch.testing.assert_close(fedit(A, B, w).B, avg(B, w))
+
+
+def test_fedit_is_biased():
+    A, B, w = clients(K=3)
+    u = fedit(A, B, w)
+    dW = dense_dW(A, B, w)
+    assert torch.linalg.matrix_norm(u.B @ u.A - dW) > 0.1 * torch.linalg.matrix_norm(dW)
+
+
+@pytest.mark.parametrize("method", ["flora", "fedex"])
+def test_flora_and_fedex_are_exact(method):
+    A, B, w = clients(K=5)
+    W = torch.randn(D_OUT, D_IN, dtype=torch.float64)
+    u = run(method, A, B, w)
+    ideal = sum(w[k] * (W + B[k] @ A[k]) for k in range(5))
+    BA = u.B @ u.A if u.B is not None else 0
+    torch.testing.assert_close(W + u.delta_w + BA, ideal, rtol=1e-12, atol=1e-12)
+    if method == "fedex":
+        torch.testing.assert_close(u.A, avg(A, w)), torch.testing.assert_close(u.B, avg(B, w))
+    else:
+        assert u.A is None and u.B is None
+
+
+def test_flexlora_is_the_best_rank_r_approximation():
+    A, B, w = clients(K=4)
+    u = flexlora(A, B, w)
+    dW = dense_dW(A, B, w)
+    S = torch.linalg.svdvals(dW)
+    err = torch.linalg.matrix_norm(dW - u.B @ u.A)
+    torch.testing.assert_close(err, S[R:].square().sum().sqrt(), rtol=1e-10, atol=1e-12)  # Eckart-Young
+    a, b = dense_flexlora(A, B, w)
+    torch.testing.assert_close(u.B @ u.A, b @ a, rtol=1e-10, atol=1e-10)
+    assert u.delta_w is None and u.A.shape == (R, D_IN) and u.B.shape == (D_OUT, R)
+    # B = U_r diag(S_r), A = V_r^T: A has orthonormal rows, B's column norms are the singular values
+    torch.testing.assert_close(u.A @ u.A.T, torch.eye(R, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(u.B.norm(dim=0), S[:R], rtol=1e-10, atol=0)
+
+
+def test_flexlora_is_exact_when_rank_of_dW_is_at_most_r():
+    A, B, w = clients(K=3)
+    A = A[:1].expand(3, -1, -1).clone()          # shared A: rank(dW) <= r
+    u = flexlora(A, B, w)
+    torch.testing.assert_close(u.B @ u.A, dense_dW(A, B, w), rtol=1e-10, atol=1e-12)
+
+
+def test_ffa_is_exact_and_checks_A_is_shared():
+    A, B, w = clients(K=3, method="ffa")
+    u = ffa(A, B, w)
+    assert torch.equal(u.A, A[0])
+    torch.testing.assert_close(u.B @ u.A, dense_dW(A, B, w), rtol=1e-12, atol=1e-12)
+    A[1, 0, 0] += 1e-3
+    with pytest.raises(ValueError, match="ffa needs one frozen A"):
+        ffa(A, B, w, layer="blocks.0.attn.proj")
+
+
+@pytest.mark.parametrize("phase", ["A", "B"])
+def test_rolora_is_exact_and_passes_the_frozen_factor_through(phase):
+    A, B, w = clients(K=3)
+    if phase == "A":
+        B = B[:1].expand(3, -1, -1).clone()
+    else:
+        A = A[:1].expand(3, -1, -1).clone()
+    u = rolora(A, B, w, phase=phase)
+    torch.testing.assert_close(u.B @ u.A, dense_dW(A, B, w), rtol=1e-12, atol=1e-12)
+    assert torch.equal(u.B, B[0]) if phase == "A" else torch.equal(u.A, A[0])
+    with pytest.raises(ValueError, match="needs one"):
+        rolora(*clients(K=3)[:2], w, phase=phase)
+    with pytest.raises(ValueError, match="phase must be"):
+        rolora(A, B, w, phase="AB")
+
+
+def test_fedsa_leaves_B_to_each_client():
+    A, B, w = clients(K=3)
+    u = fedsa(A, B, w)
+    assert u.B is None and u.delta_w is None
+    torch.testing.assert_close(u.A, avg(A, w))
+
+
+# ----------------------------------------------------------------------------- LoRA-FAIR
+
+def cos_flat(X, Y):
+    return ((X * Y).sum() / (X.norm() * Y.norm())).item()
+
+
+def test_lorafair_improves_cosine_and_keeps_A_bar():
+    A, B, w = clients(K=4)
+    u = lorafair(A, B, w)
+    dW = dense_dW(A, B, w)
+    B_bar = avg(B, w)
+    torch.testing.assert_close(u.A, avg(A, w))
+    assert cos_flat(dW, u.B @ u.A) > cos_flat(dW, B_bar @ u.A) + 1e-3
+    assert u.delta_w is None
+
+
+def test_lorafair_large_lambda_gives_fedit():
+    A, B, w = clients(K=4)
+    B_bar = avg(B, w)
+    sizes = [torch.linalg.matrix_norm(lorafair(A, B, w, lam=lam, steps=2000).B - B_bar).item()
+             for lam in (0.01, 1.0, 90.0)]
+    assert sizes[0] > sizes[1] > sizes[2]
+    assert sizes[2] < 1e-3 * torch.linalg.matrix_norm(B_bar).item()
+
+
+def test_lorafair_identical_clients_give_zero_residual():
+    A, B, _ = clients(K=1)
+    A, B = A.expand(3, -1, -1).clone(), B.expand(3, -1, -1).clone()
+    u = lorafair(A, B, torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64))
+    assert (u.B - B[0]).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("similarity", ["flat", "column"])
+def test_lorafair_lambda_zero_reaches_the_least_squares_bound(similarity):
+    # With lam = 0 the best B' is the least-squares fit of dW on A_bar's row space, B* = dW A_bar^T G^-1;
+    # the flat cosine can reach ||dW P|| / ||dW|| (P the projector onto that row space) and no more.
+    A, B, w = clients(K=4, seed=3)
+    dW, A_bar = dense_dW(A, B, w), avg(A, w)
+    B_star = dW @ A_bar.T @ torch.linalg.inv(A_bar @ A_bar.T)
+    u = lorafair(A, B, w, lam=0.0, steps=3000, lr=2.0, similarity=similarity)
+    if similarity == "flat":
+        bound = cos_flat(dW, B_star @ A_bar)
+        got = cos_flat(dW, u.B @ u.A)
+        assert got <= bound + 1e-12 and got > bound - 1e-6
+    else:  # the column objective is maximised too, and never above 1
+        from tests.reference import dense_cos
+        got = dense_cos(dW, u.B @ u.A, "column").item()
+        assert got > dense_cos(dW, avg(B, w) @ A_bar, "column").item() and got <= 1
+
+
+@pytest.mark.parametrize("init", ["zeros", "xavier"])
+@pytest.mark.parametrize("similarity", ["flat", "column"])
+def test_lorafair_factored_equals_dense(init, similarity):
+    A, B, w = clients(K=3, lead=(2,), d_out=24, d_in=17, r=3)
+    u = lorafair(A, B, w, steps=300, init=init, similarity=similarity)
+    a, b = dense_lorafair(A, B, w, steps=300, init=init, similarity=similarity)
+    torch.testing.assert_close(u.A, a, rtol=0, atol=1e-14)
+    dB = b - avg(B, w)
+    assert torch.linalg.matrix_norm(u.B - b).max() < 1e-6 * torch.linalg.matrix_norm(dB).min()
+
+
+def test_lorafair_rejects_bad_options():
+    A, B, w = clients()
+    for kw, msg in [({"lam": 200.0}, "diverge"), ({"init": "normal"}, "init"), ({"similarity": "row"}, "similarity"),
+                    ({"lr": 0.0}, "lr"), ({"steps": -1}, "steps"), ({"lam": -1.0}, "lam")]:
+        with pytest.raises(ValueError, match=msg):
+            lorafair(A, B, w, **kw)
+
+
+def test_lorafair_seeded_xavier_is_reproducible():
+    A, B, w = clients()
+    u1, u2 = (lorafair(A, B, w, init="xavier", steps=10, seed=5) for _ in range(2))
+    assert torch.equal(u1.B, u2.B)
+    assert not torch.equal(u1.B, lorafair(A, B, w, init="xavier", steps=10, seed=6).B)
+
+
+# ----------------------------------------------------------------------------- batching, devices
+
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_batched_equals_per_layer_loop(method):
+    A, B, w = clients(K=3, lead=(2, 3), method=method)
+    u = run(method, A, B, w)
+    for i in range(2):
+        for j in range(3):
+            v = run(method, A[i, j], B[i, j], w)
+            for x, y in zip(u, v):
+                if x is not None:
+                    torch.testing.assert_close(x[i, j], y, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_cpu_equals_cuda(method):
+    A, B, w = clients(K=3, lead=(2,), method=method)
+    u = run(method, A, B, w)
+    v = run(method, A.cuda(), B.cuda(), w.cuda())
+    torch.testing.assert_close(product(v, A.cuda(), B.cuda(), w.cuda()).cpu(), product(u, A, B, w),
+                               rtol=1e-8, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+@pytest.mark.parametrize("weights, msg", [
+    ([0.5, 0.6, -0.1], ">= 0"), ([0.5, float("nan"), 0.5], "NaN"), ([0.3, 0.3, 0.3], "sum to"),
+    ([0.5, 0.5], "2 client weights for 3 clients"),
+])
+def test_bad_weights(method, weights, msg):
+    A, B, _ = clients(K=3, method=method)
+    with pytest.raises(ValueError, match=msg):
+        run(method, A, B, torch.tensor(weights, dtype=torch.float64), layer="blocks.0.mlp.fc2")
+
+
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_bad_shapes_and_values(method):
+    A, B, w = clients(K=3, lead=(2,), method=method)
+    names = ["blocks.0.attn.proj", "blocks.1.attn.proj"]
+    with pytest.raises(ValueError, match="rank mismatch"):
+        run(method, A, B[..., :1], w, layer=names)
+    with pytest.raises(ValueError, match="disagree"):
+        run(method, A, B[:, :2], w, layer=names)
+    with pytest.raises(ValueError, match="K = 0"):
+        run(method, A[:, :0], B[:, :0], w[:0], layer=names)
+    with pytest.raises(ValueError, match="expected A"):
+        run(method, A[0, 0], B[0, 0], w, layer=names)
+    with pytest.raises(ValueError, match="rank r = 8"):
+        run(method, torch.zeros(3, 8, 7, dtype=torch.float64), torch.zeros(3, 9, 8, dtype=torch.float64), w)
+    for X in (A, B):
+        X[1, 2, 0, 0] = float("inf")
+        with pytest.raises(ValueError, match=r"blocks.1.attn.proj: client 2's [AB] contains NaN/Inf"):
+            run(method, A, B, w, layer=names)
+        X[1, 2, 0, 0] = 0.0
+
+
+# ----------------------------------------------------------------------------- state dicts, diagnostics
+
+def client_states(K=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"blocks.0.attn.proj": (8, 8), "blocks.1.attn.proj": (8, 8), "blocks.0.mlp.fc2": (8, 12)}
+    states = []
+    for _ in range(K):
+        s = {}
+        for p, (d_out, d_in) in shapes.items():
+            s[p + ".lora_A.weight"] = torch.randn(R, d_in, generator=g, dtype=torch.float64)
+            s[p + ".lora_B.weight"] = torch.randn(d_out, R, generator=g, dtype=torch.float64)
+        s["head.weight"] = torch.randn(5, 8, generator=g, dtype=torch.float64)
+        s["head.bias"] = torch.randn(5, generator=g, dtype=torch.float64)
+        states.append(s)
+    return states
+
+
+@pytest.mark.parametrize("method", ["fedit", "flora", "flexlora", "fedex", "fedsa", "lorafair"])
+def test_aggregate_states_matches_per_layer_calls_and_fedavgs_the_head(method):
+    states = client_states()
+    w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    out = aggregate_states(states, w, method, **OPTS.get(method, {}))
+    for key in ("head.weight", "head.bias"):
+        torch.testing.assert_close(out.state[key], sum(w[k] * states[k][key] for k in range(3)))
+    for p in ("blocks.0.attn.proj", "blocks.1.attn.proj", "blocks.0.mlp.fc2"):
+        A = torch.stack([s[p + ".lora_A.weight"] for s in states])
+        B = torch.stack([s[p + ".lora_B.weight"] for s in states])
+        u = run(method, A, B, w)
+        for got, want in ((out.state.get(p + ".lora_A.weight"), u.A), (out.state.get(p + ".lora_B.weight"), u.B),
+                          (out.delta_w.get(p), u.delta_w)):
+            assert (got is None) == (want is None)
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        cos, rel = diagnostics(u, A, B, w)
+        assert out.cos[p] == pytest.approx(cos.item()) and out.rel_err[p] == pytest.approx(rel.item())
+
+
+def test_aggregate_states_bad_input():
+    states = client_states()
+    w = [0.2, 0.3, 0.5]
+    with pytest.raises(ValueError, match="unknown method"):
+        aggregate_states(states, w, "fedprox")
+    bad = [dict(s) for s in states]
+    del bad[1]["head.bias"]
+    with pytest.raises(ValueError, match="client 1's state dict has different keys"):
+        aggregate_states(bad, w, "fedit")
+    bad = [dict(s) for s in states]
+    bad[2]["blocks.0.mlp.fc2.lora_A.weight"] = torch.zeros(R + 1, 12, dtype=torch.float64)
+    with pytest.raises(ValueError, match="layer blocks.0.mlp.fc2: client 2's factors"):
+        aggregate_states(bad, w, "fedit")
+    bad = [{k: v for k, v in s.items() if k != "blocks.0.mlp.fc2.lora_B.weight"} for s in states]
+    with pytest.raises(ValueError, match="no lora_B.weight"):
+        aggregate_states(bad, w, "fedit")
+    with pytest.raises(ValueError, match="3 clients"):
+        aggregate_states(states, [0.5, 0.5], "fedit")
+    bad = [dict(s) for s in states]
+    bad[0]["blocks.1.attn.proj.lora_B.weight"] = torch.full((8, R), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="blocks.1.attn.proj: client 0's B"):
+        aggregate_states(bad, w, "lorafair")
+
+
+def test_diagnostics_measure_the_bias():
+    A, B, w = clients(K=4)
+    cos, rel = diagnostics(fedit(A, B, w), A, B, w)
+    assert cos < 0.99 and rel > 0.05
+    for method in ("flora", "fedex"):
+        cos, rel = diagnostics(run(method, A, B, w), A, B, w)
+        assert cos == pytest.approx(1.0, abs=1e-12) and rel < 1e-12
+    cos_fair, _ = diagnostics(lorafair(A, B, w), A, B, w)
+    assert cos_fair > diagnostics(fedit(A, B, w), A, B, w)[0]
