@@ -91,8 +91,11 @@ def _check(A: Tensor, B: Tensor, w, layer: Names) -> Tensor:
     w = check_weights(w, K, layer=layer)
     lead = A.shape[:-3]
     for name, X in (("A", A), ("B", B)):
-        bad = ~torch.isfinite(X.reshape(math.prod(lead), K, -1)).all(-1)  # (L, K)
-        if bad.any():
+        # Any NaN/Inf makes the sum non-finite; only then (or on overflow) look element-wise.
+        if not X.sum().isfinite():
+            bad = ~X.reshape(math.prod(lead), K, -1).isfinite().all(-1)           # (L, K)
+            if not bad.any():
+                continue
             l, k = (int(i) for i in bad.nonzero()[0])
             where = _name(layer, l if lead else -1)
             raise ValueError(f"{where}: client {k}'s {name} contains NaN/Inf; leave that client out "
@@ -118,7 +121,7 @@ def _shared(X: Tensor, tol: float, layer: Names, what: str) -> Tensor:
 
 def weighted_mean(X: Tensor, w: Tensor) -> Tensor:
     """sum_k p_k X_k over the client dim -3: (..., K, m, n) -> (..., m, n)."""
-    return torch.einsum("...kmn,k->...mn", X, w)
+    return (w @ X.flatten(-2)).unflatten(-1, X.shape[-2:])  # (K,) @ (..., K, m n) -> (..., m n)
 
 
 def stacked_factors(A: Tensor, B: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,7 +204,9 @@ def fedex(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
     w = _check(A, B, w, layer)
     A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)
     U, V = stacked_factors(A, B, w)
-    return Update(A_bar, B_bar, U @ V - B_bar @ A_bar)
+    # one product of rank K r + r instead of two dense products and a subtraction
+    residual = torch.cat((U, -B_bar), dim=-1) @ torch.cat((V, A_bar), dim=-2)  # (..., d_out, d_in)
+    return Update(A_bar, B_bar, residual)
 
 
 def fedsa(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
