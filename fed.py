@@ -1,0 +1,269 @@
+"""One federated round, as in Algorithm 1 of the LoRA-FAIR paper, for every method.
+
+One frozen backbone is shared by all clients. A client is its data, its weight n_k and the
+per-client adapter state its method keeps (FedSA's own B): memory grows with the number of
+clients by adapter size only. A round:
+
+  1. sample the participants (a fraction of the clients, seeded by the round);
+  2. each participant starts from the global adapter (method-specific, see `start_client`),
+     trains locally with SGD and uploads its trainable tensors (A_k, B_k, head) and n_k;
+  3. the server weights p_k = n_k / sum n_j over participants with finite updates, applies the
+     method from aggregators.py (FedAvg for the head) and folds delta_w into W0 where the method
+     does (FLoRA, FedEx-LoRA);
+  4. it logs cos(dW, dW_applied) and ||dW - dW_applied|| / ||dW||, averaged over layers.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from aggregators import aggregate_states, weighted_mean
+from data import DomainData
+from lora import fold_into_base, lora_layers, reset_lora, trainable_state
+
+
+@dataclass
+class FedConfig:
+    method: str = "lorafair"
+    lr: float = 0.01              # client SGD (paper); momentum, weight decay, clip: derived code
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    clip: float = 10.0
+    batch_size: int = 128
+    local_epochs: int = 1
+    local_steps: Optional[int] = None   # cap on local steps per round (None: whole epochs)
+    participation: float = 1.0          # fraction of clients sampled per round
+    seed: int = 0
+    amp: bool = False                   # bf16 autocast (GPU)
+    workers: int = 0
+    agg_options: dict = field(default_factory=dict)   # e.g. lorafair's steps, lr, lam, init, similarity
+    progress: bool = True
+
+
+@dataclass
+class Client:
+    domain: int
+    indices: list[int]
+    state: dict[str, Tensor] = field(default_factory=dict)   # adapters the client keeps (FedSA's B)
+
+    @property
+    def n(self) -> int:
+        return len(self.indices)
+
+
+def _seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (Python's hash of ints is stable; of tuples too)."""
+    return hash(tuple(parts)) & (2**63 - 1)
+
+
+@torch.no_grad()
+def load_trainable(model: nn.Module, state: dict[str, Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for k, v in state.items():
+        params[k].copy_(v)
+
+
+class Federation:
+    """The server and its clients around one model (backbone frozen, LoRA injected, head new)."""
+
+    def __init__(self, model: nn.Module, domains: list[DomainData], clients: list[Client], cfg: FedConfig,
+                 device: torch.device):
+        self.model, self.domains, self.clients, self.cfg, self.device = model, domains, clients, cfg, device
+        self.round = 0                                   # rounds completed
+        self.a_keys = [k for k in trainable_state(model) if k.endswith("lora_A.weight")]
+        self.b_keys = [k for k in trainable_state(model) if k.endswith("lora_B.weight")]
+        self.skipped_images = 0
+
+    # ------------------------------------------------------------------ client side
+
+    def set_trainable_factors(self, phase: Optional[str]) -> None:
+        """FFA-LoRA freezes A for the whole run; RoLoRA trains only this round's factor."""
+        params = dict(self.model.named_parameters())
+        train_A = self.cfg.method != "ffa" and phase != "B"
+        train_B = phase != "A"
+        for k in self.a_keys:
+            params[k].requires_grad_(train_A)
+        for k in self.b_keys:
+            params[k].requires_grad_(train_B)
+
+    def start_client(self, client: Client, glob: dict[str, Tensor]) -> None:
+        """Every method starts from the global adapter and head; FedSA swaps in the client's own B."""
+        load_trainable(self.model, glob)
+        if self.cfg.method == "fedsa" and client.state:
+            load_trainable(self.model, client.state)
+
+    def local_train(self, client: Client, seed: int) -> float:
+        """Local SGD on the client's data; returns the mean loss. No host syncs inside the loop."""
+        cfg, model = self.cfg, self.model
+        torch.manual_seed(seed)                                          # dropout
+        g = torch.Generator().manual_seed(seed)                          # shuffling
+        cuda = self.device.type == "cuda"
+        loader = DataLoader(Subset(self.domains[client.domain].train, client.indices), batch_size=cfg.batch_size,
+                            shuffle=True, generator=g, num_workers=cfg.workers, pin_memory=cuda,
+                            persistent_workers=False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        steps_per_epoch = len(loader)
+        total = cfg.local_epochs * steps_per_epoch
+        if cfg.local_steps:
+            total = cfg.local_steps if cfg.local_epochs <= 0 else min(total, cfg.local_steps)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and cuda else nullcontext()
+        loss_sum = torch.zeros((), device=self.device)
+        skipped = torch.zeros((), dtype=torch.long, device=self.device)
+        model.train()
+        step = 0
+        bar = tqdm(total=total, desc=f"  client (domain {self.domains[client.domain].name})", leave=False,
+                   disable=not cfg.progress)
+        while step < total:
+            for x, y in loader:
+                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                with amp:
+                    logits = model(x)
+                valid = (y >= 0).sum()
+                loss = F.cross_entropy(logits.float(), y, ignore_index=-1, reduction="sum") / valid.clamp_min(1)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+                opt.step()
+                loss_sum += loss.detach()
+                skipped += y.numel() - valid
+                step += 1
+                bar.update()
+                if step >= total:
+                    break
+        bar.close()
+        self.skipped_images += int(skipped)
+        return (loss_sum / max(step, 1)).item()
+
+    # ------------------------------------------------------------------ server side
+
+    def run_round(self) -> dict:
+        """Round t = self.round: train the sampled clients, aggregate, update the global model."""
+        cfg, t = self.cfg, self.round
+        g = torch.Generator().manual_seed(_seed(cfg.seed, t, 1))
+        m = max(1, round(cfg.participation * len(self.clients)))
+        chosen = sorted(torch.randperm(len(self.clients), generator=g)[:m].tolist())
+        phase = ("B" if t % 2 == 0 else "A") if cfg.method == "rolora" else None   # B first: A's grad is 0 at B = 0
+        self.set_trainable_factors(phase)
+        glob = trainable_state(self.model)
+
+        tic = time.perf_counter()
+        uploads, sizes, losses, dropped = [], [], [], []
+        for k in chosen:
+            client = self.clients[k]
+            self.start_client(client, glob)
+            loss = self.local_train(client, _seed(cfg.seed, t, 2, k))
+            up = trainable_state(self.model)
+            if not math.isfinite(loss) or not all(v.isfinite().all() for v in up.values()):
+                warnings.warn(f"round {t}: client {k}'s update is NaN/Inf; left out of this round")
+                dropped.append(k)
+                continue
+            if cfg.method == "fedsa":
+                client.state = {key: up[key] for key in self.b_keys}
+            uploads.append(up)
+            sizes.append(client.n)
+            losses.append(loss)
+        t_train = time.perf_counter() - tic
+        if not uploads:
+            raise RuntimeError(f"round {t}: every client's update was NaN/Inf; lower --lr")
+
+        tic = time.perf_counter()
+        w = torch.tensor(sizes, dtype=torch.float64)
+        w = w / w.sum()
+        options = dict(cfg.agg_options) if cfg.method == "lorafair" else {}
+        if cfg.method == "lorafair" and options.get("init") == "xavier":
+            options["seed"] = _seed(cfg.seed, t, 3)
+        if cfg.method == "rolora":
+            options["phase"] = phase
+        agg = aggregate_states(uploads, w, cfg.method, **options)
+        new = dict(glob)
+        new.update(agg.state)
+        if cfg.method == "fedsa":   # the global B (for global evaluation) is B_bar; clients keep their own
+            for key in self.b_keys:
+                new[key] = weighted_mean(torch.stack([u[key] for u in uploads]), w.to(uploads[0][key]))
+        load_trainable(self.model, new)
+        if agg.delta_w:
+            fold_into_base(self.model, agg.delta_w)
+        if cfg.method == "flora":   # fresh LoRA for next round, the same on every client
+            reset_lora(self.model, _seed(cfg.seed, t + 1, 4))
+        t_agg = time.perf_counter() - tic
+        self.round += 1
+        return {"round": self.round, "clients": [k for k in chosen if k not in dropped], "dropped": dropped,
+                "train_loss": sum(losses) / len(losses),
+                "cos": sum(agg.cos.values()) / len(agg.cos),
+                "rel_err": sum(agg.rel_err.values()) / len(agg.rel_err),
+                "seconds": {"train": t_train, "aggregate": t_agg}}
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def accuracy(self, dataset) -> float:
+        cuda = self.device.type == "cuda"
+        loader = DataLoader(dataset, batch_size=max(self.cfg.batch_size, 256), num_workers=self.cfg.workers,
+                            pin_memory=cuda)
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.cfg.amp and cuda else nullcontext()
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        n = 0
+        self.model.eval()
+        for x, y in loader:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with amp:
+                correct += (self.model(x).argmax(-1) == y).sum()
+            n += len(y)
+        return int(correct) / max(n, 1)
+
+    def evaluate(self) -> dict[str, float]:
+        """Top-1 of the global model on each domain's test split, and their mean (the paper's metric).
+
+        FedSA-LoRA is personalised: a domain is scored with each of its clients' own B, averaged.
+        """
+        acc = {}
+        glob = trainable_state(self.model)
+        for d, dom in enumerate(self.domains):
+            own = [c for c in self.clients if c.domain == d and c.state] if self.cfg.method == "fedsa" else []
+            if own:
+                scores = []
+                for c in own:
+                    load_trainable(self.model, c.state)
+                    scores.append(self.accuracy(dom.test))
+                load_trainable(self.model, glob)
+                acc[dom.name] = sum(scores) / len(scores)
+            else:
+                acc[dom.name] = self.accuracy(dom.test)
+        acc["mean"] = sum(acc.values()) / len(self.domains)
+        return acc
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Everything a resumed run needs: global trainables, base weights changed by folding,
+        and each client's own adapters."""
+        out = {f"global/{k}": v for k, v in trainable_state(self.model).items()}
+        if self.cfg.method in ("flora", "fedex"):
+            for prefix, (_, base, _) in lora_layers(self.model).items():
+                out[f"base/{prefix}"] = base.weight.detach()   # shared by q and v: stored twice, loaded twice
+        for i, c in enumerate(self.clients):
+            out.update({f"client{i}/{k}": v for k, v in c.state.items()})
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, Tensor], rounds_done: int) -> None:
+        load_trainable(self.model, {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")})
+        layers = lora_layers(self.model)
+        for k, v in tensors.items():
+            if k.startswith("base/"):
+                layers[k[len("base/"):]][1].weight.copy_(v)
+        for i, c in enumerate(self.clients):
+            p = f"client{i}/"
+            c.state = {k[len(p):]: v.to(self.device) for k, v in tensors.items() if k.startswith(p)}
+        self.round = rounds_done
