@@ -121,14 +121,15 @@ def shapes_vit(num_classes: int):
     return VisionTransformer(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, num_classes=num_classes)
 
 
-def pretrained_shapes_backbone(epochs: int = 12, per_domain: int = 2000, progress: bool = True) -> str:
+def pretrained_shapes_backbone(epochs: int = 12, per_domain: int = 2000, progress: bool = True,
+                               cache: str = CACHE) -> str:
     """Train the embedded ViT on classes 10..39 of the shapes generator (disjoint from the task's
     0..9), once, and cache it outside the repo. Returns the cached file."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
     from data import PRETRAIN_CLASSES
     tag = hashlib.sha1(f"shapes-vit-v1-{epochs}-{per_domain}".encode()).hexdigest()[:10]
-    path = os.path.join(CACHE, f"shapes_vit_{tag}.safetensors")
+    path = os.path.join(cache, f"shapes_vit_{tag}.safetensors")
     if os.path.isfile(path):
         return path
     print(f"pretraining the embedded ViT backbone once (cached in {path}) ...", file=sys.stderr)
@@ -153,7 +154,7 @@ def pretrained_shapes_backbone(epochs: int = 12, per_domain: int = 2000, progres
                 sched.step()
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-    os.makedirs(CACHE, exist_ok=True)
+    os.makedirs(cache, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
     tmp = path + ".tmp"
     save_file(state, tmp)

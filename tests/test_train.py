@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from aggregators import AGGREGATORS
 from tests.test_data import fake_tree
-from train import main
+from train import main, pretrained_shapes_backbone, shapes_vit
 
 TINY = ["--no-pretrained", "--domains", "clipart,sketch", "--n-train", "24", "--n-test", "10",
         "--batch-size", "8", "--local-steps", "2", "--rank", "2", "--fair-steps", "10", "--no-progress",
@@ -69,7 +69,9 @@ def test_domainnet_tree_end_to_end(tmp_path):
     (["--model", "vit_tiny_patch16_224", "--pretrained"], "pass --checkpoint PATH"),
     (["--checkpoint", "/nonexistent.pth"], "does not exist"),
 ])
-def test_bad_input_exits_2_with_one_line(tmp_path, capsys, args, message):
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")          # fail fast instead of retrying the hub
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     argv = [a for a in TINY if a != "--no-pretrained"] if "--pretrained" in args else TINY
     rc = main([*argv, "--out", str(tmp_path / "run"), "--rounds", "1", *args])
     err = capsys.readouterr().err.strip().splitlines()
@@ -91,3 +93,17 @@ def test_resume_refuses_other_config_and_never_overwrites(tmp_path, capsys):
     assert "different configuration (method: 'lorafair' vs 'fedit')" in capsys.readouterr().err
     assert (tmp_path / "run" / "checkpoint.safetensors").read_bytes() == before
     assert train(tmp_path, "--rounds", "1", "--resume", name="empty") == 2
+
+
+def test_backbone_pretraining_is_cached_and_loadable(tmp_path):
+    path = pretrained_shapes_backbone(epochs=1, per_domain=128, progress=False, cache=str(tmp_path / "cache"))
+    stamp = (tmp_path / "cache").stat().st_mtime_ns, len(list((tmp_path / "cache").iterdir()))
+    assert pretrained_shapes_backbone(epochs=1, per_domain=128, progress=False, cache=str(tmp_path / "cache")) == path
+    assert ((tmp_path / "cache").stat().st_mtime_ns, len(list((tmp_path / "cache").iterdir()))) == stamp
+    state = load_file(path)
+    assert "head.weight" not in state and "blocks.0.attn.qkv.weight" in state
+    # the cached file is accepted by --checkpoint and fits the model but for the new head
+    assert train(tmp_path, "--checkpoint", path, "--rounds", "1", "--method", "fedit") == 0
+    model = shapes_vit(10)
+    missing, _ = model.load_state_dict(state, strict=False)
+    assert set(missing) == {"head.weight", "head.bias"}
