@@ -231,15 +231,16 @@ def rolora(A: Tensor, B: Tensor, w, *, phase: str, layer: Names = "layer", tol: 
 
 
 def _cosine_parts(U: Tensor, V: Tensor, A_bar: Tensor, similarity: str, eps: float):
-    """Precompute what cos(dW, B' A_bar) needs, for any B'; return a function of B'.
+    """Precompute what cos(dW, B' A') needs; return a function of (B', A'), A' = None meaning A_bar.
 
-    flat:   cos = <dW, B' A_bar>_F / (||dW||_F ||B' A_bar||_F), with
-            <dW, B' A_bar> = sum(B' * C), C = dW A_bar^T = U (V A_bar^T)       (d_out, r)
-            ||B' A_bar||^2 = sum((B' G) * B'), G = A_bar A_bar^T              (r, r)
-            ||dW||^2 = sum((U^T U) * (V V^T))
-    column: mean over the d_in columns j of cos(dW[:, j], (B' A_bar)[:, j]), with
-            <dW_j, Y_j> = sum_i V_ij ((U^T B') A_bar)_ij,  ||dW_j||^2 = V_j^T (U^T U) V_j,
-            ||Y_j||^2 = A_bar_j^T (B'^T B') A_bar_j.
+    flat:   cos = <dW, B' A'>_F / (||dW||_F ||B' A'||_F), with ||dW||^2 = sum((U^T U) * (V V^T)) and
+            for A' = A_bar:  <dW, B' A_bar> = sum(B' * C), C = dW A_bar^T = U (V A_bar^T)  (d_out, r)
+                             ||B' A_bar||^2 = sum((B' G) * B'), G = A_bar A_bar^T         (r, r)
+            for any A':      <dW, B' A'> = sum((U^T B') * (V A'^T)),
+                             ||B' A'||^2 = sum((B'^T B') * (A' A'^T))
+    column: mean over the d_in columns j of cos(dW[:, j], (B' A')[:, j]), with
+            <dW_j, Y_j> = sum_i V_ij ((U^T B') A')_ij,  ||dW_j||^2 = V_j^T (U^T U) V_j,
+            ||Y_j||^2 = A'_j^T (B'^T B') A'_j.
     Norms are clamped below at eps, as torch.nn.functional.cosine_similarity does.
     """
     UtU = U.mT @ U                                                            # (..., K r, K r)
@@ -248,25 +249,38 @@ def _cosine_parts(U: Tensor, V: Tensor, A_bar: Tensor, similarity: str, eps: flo
         G = A_bar @ A_bar.mT                                                  # (..., r, r)
         nX = (UtU * (V @ V.mT)).sum((-2, -1)).clamp_min(0).sqrt().clamp_min(eps)  # (...,)
 
-        def cos(Bp: Tensor) -> Tensor:
-            inner = (Bp * C).sum((-2, -1))
-            nY = ((Bp @ G) * Bp).sum((-2, -1)).clamp_min(eps * eps).sqrt()
-            return inner / (nX * nY)                                          # (...,)
+        def cos(Bp: Tensor, Ap: Optional[Tensor] = None) -> Tensor:
+            if Ap is None:
+                inner = (Bp * C).sum((-2, -1))
+                nY2 = ((Bp @ G) * Bp).sum((-2, -1))
+            else:
+                inner = ((U.mT @ Bp) * (V @ Ap.mT)).sum((-2, -1))
+                nY2 = ((Bp.mT @ Bp) * (Ap @ Ap.mT)).sum((-2, -1))
+            return inner / (nX * nY2.clamp_min(eps * eps).sqrt())             # (...,)
         return cos
     if similarity == "column":
         nX = (V * (UtU @ V)).sum(-2).clamp_min(0).sqrt().clamp_min(eps)      # (..., d_in)
 
-        def cos(Bp: Tensor) -> Tensor:
-            inner = (V * ((U.mT @ Bp) @ A_bar)).sum(-2)                       # (..., d_in)
-            nY = (A_bar * ((Bp.mT @ Bp) @ A_bar)).sum(-2).clamp_min(eps * eps).sqrt()
+        def cos(Bp: Tensor, Ap: Optional[Tensor] = None) -> Tensor:
+            Ap = A_bar if Ap is None else Ap
+            inner = (V * ((U.mT @ Bp) @ Ap)).sum(-2)                          # (..., d_in)
+            nY = (Ap * ((Bp.mT @ Bp) @ Ap)).sum(-2).clamp_min(eps * eps).sqrt()
             return (inner / (nX * nY)).mean(-1)                               # (...,)
         return cos
     raise ValueError(f"lorafair similarity must be 'flat' or 'column', got {similarity!r}")
 
 
+def _xavier(like: Tensor, seed: int) -> Tensor:
+    """xavier_uniform_ on each (fan_out, fan_in) matrix: U(-b, b), b = sqrt(6 / (fan_in + fan_out)),
+    drawn on the CPU in float64 so the same seed gives the same noise on every device."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(like.shape, generator=g, dtype=torch.float64) * 2 - 1
+    return (noise * math.sqrt(6.0 / sum(like.shape[-2:]))).to(like)
+
+
 def lorafair(A: Tensor, B: Tensor, w, *, layer: Names = "layer", steps: int = 1000, lr: float = 0.01,
-             lam: float = 0.01, init: str = "zeros", similarity: str = "flat", eps: float = 1e-8,
-             seed: int = 0) -> Update:
+             lam: float = 0.01, init: str = "zeros", similarity: str = "flat", correct: str = "B",
+             eps: float = 1e-8, seed: int = 0) -> Update:
     """LoRA-FAIR: (A_bar, B_bar + dB), with the residual dB of Eq. 8,
 
         dB = argmin [1 - cos(dW, (B_bar + dB) A_bar)] + lam ||dB||_F^2,
@@ -275,6 +289,9 @@ def lorafair(A: Tensor, B: Tensor, w, *, layer: Names = "layer", steps: int = 10
     Xavier-uniform noise ('xavier'). W0 is never changed; clients start next round from
     (A_bar, B_bar + dB). Batched layers are independent terms of one summed loss, so one call
     equals one optimiser over all layers.
+
+    correct='A' or 'both' are the paper's ablation: a residual dA on A_bar instead of (or as well
+    as) dB, same objective with lam ||dA||^2 (and lam ||dB||^2).
 
     Defaults: lam = 0.01, lr = 0.01 and 1000 steps are the paper's and its derived code's values.
     init='zeros' (not the derived code's 'xavier'): with realistic LoRA magnitudes, Xavier noise
@@ -295,27 +312,31 @@ def lorafair(A: Tensor, B: Tensor, w, *, layer: Names = "layer", steps: int = 10
                          "diverge (each step multiplies dB by 1 - 2 lr lam); lower lr or lam")
     if init not in ("zeros", "xavier"):
         raise ValueError(f"lorafair init must be 'zeros' or 'xavier', got {init!r}")
+    if correct not in ("B", "A", "both"):
+        raise ValueError(f"lorafair correct must be 'B', 'A' or 'both', got {correct!r}")
 
     A, B = A.detach(), B.detach()
     A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)  # A_bar: (..., r, d_in)  B_bar: (..., d_out, r)
     U, V = stacked_factors(A, B, w)                          # U: (..., d_out, K r)  V: (..., K r, d_in)
     cos = _cosine_parts(U, V, A_bar, similarity, eps)
-
-    if init == "zeros":
-        dB = torch.zeros_like(B_bar)
-    else:  # xavier_uniform_ on each (d_out, r) matrix: bound sqrt(6 / (fan_in + fan_out))
-        d_out, r = B_bar.shape[-2:]
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.rand(B_bar.shape, generator=g, dtype=torch.float64) * 2 - 1
-        dB = (noise * math.sqrt(6.0 / (d_out + r))).to(B_bar)
+    start = (lambda X, s: torch.zeros_like(X)) if init == "zeros" else _xavier
+    dB = start(B_bar, seed) if correct != "A" else None      # (..., d_out, r)
+    dA = start(A_bar, seed + 1) if correct != "B" else None  # (..., r, d_in)
+    residuals = [x for x in (dB, dA) if x is not None]
     with torch.enable_grad():
-        dB.requires_grad_(True)
+        for x in residuals:
+            x.requires_grad_(True)
         for _ in range(steps):
-            loss = (1 - cos(B_bar + dB) + lam * dB.square().sum((-2, -1))).sum()
-            (grad,) = torch.autograd.grad(loss, dB)
+            Bp = B_bar if dB is None else B_bar + dB
+            loss = 1 - cos(Bp, None if dA is None else A_bar + dA)
+            loss = (loss + lam * sum(x.square().sum((-2, -1)) for x in residuals)).sum()
+            grads = torch.autograd.grad(loss, residuals)
             with torch.no_grad():
-                dB -= lr * grad
-    return Update(A_bar, B_bar + dB.detach(), None)
+                for x, g in zip(residuals, grads):
+                    x -= lr * g
+    A_new = A_bar if dA is None else A_bar + dA.detach()
+    B_new = B_bar if dB is None else B_bar + dB.detach()
+    return Update(A_new, B_new, None)
 
 
 AGGREGATORS: dict[str, Callable[..., Update]] = {

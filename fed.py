@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm.auto import tqdm
 
 from aggregators import aggregate_states, weighted_mean
@@ -46,14 +46,16 @@ class FedConfig:
     seed: int = 0
     amp: bool = False                   # bf16 autocast (GPU)
     workers: int = 0
+    client_init: str = "global"         # clients start each round from: the global adapter | a fresh
+                                        # LoRA (global adapter folded into W0 first) | their own last one
     agg_options: dict = field(default_factory=dict)   # e.g. lorafair's steps, lr, lam, init, similarity
     progress: bool = True
 
 
 @dataclass
 class Client:
-    domain: int
-    indices: list[int]
+    domain: int                  # index into the domains; -1: all domains' data (the centralised reference)
+    indices: list[int]           # samples of that domain's train split (of their concatenation for -1)
     state: dict[str, Tensor] = field(default_factory=dict)   # adapters the client keeps (FedSA's B)
 
     @property
@@ -97,10 +99,16 @@ class Federation:
             params[k].requires_grad_(train_B)
 
     def start_client(self, client: Client, glob: dict[str, Tensor]) -> None:
-        """Every method starts from the global adapter and head; FedSA swaps in the client's own B."""
+        """Every method starts from the global adapter and head; FedSA swaps in the client's own B,
+        client_init='local' the client's whole last adapter."""
         load_trainable(self.model, glob)
-        if self.cfg.method == "fedsa" and client.state:
+        if client.state:
             load_trainable(self.model, client.state)
+
+    def train_set(self, client: Client):
+        if client.domain < 0:
+            return ConcatDataset([d.train for d in self.domains])
+        return self.domains[client.domain].train
 
     def local_train(self, client: Client, seed: int) -> float:
         """Local SGD on the client's data; returns the mean loss. No host syncs inside the loop."""
@@ -108,7 +116,7 @@ class Federation:
         torch.manual_seed(seed)                                          # dropout
         g = torch.Generator().manual_seed(seed)                          # shuffling
         cuda = self.device.type == "cuda"
-        loader = DataLoader(Subset(self.domains[client.domain].train, client.indices), batch_size=cfg.batch_size,
+        loader = DataLoader(Subset(self.train_set(client), client.indices), batch_size=cfg.batch_size,
                             shuffle=True, generator=g, num_workers=cfg.workers, pin_memory=cuda,
                             persistent_workers=False)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -122,7 +130,8 @@ class Federation:
         skipped = torch.zeros((), dtype=torch.long, device=self.device)
         model.train()
         step = 0
-        bar = tqdm(total=total, desc=f"  client (domain {self.domains[client.domain].name})", leave=False,
+        name = self.domains[client.domain].name if client.domain >= 0 else "all"
+        bar = tqdm(total=total, desc=f"  client (domain {name})", leave=False,
                    disable=not cfg.progress)
         while step < total:
             for x, y in loader:
@@ -155,6 +164,10 @@ class Federation:
         chosen = sorted(torch.randperm(len(self.clients), generator=g)[:m].tolist())
         phase = ("B" if t % 2 == 0 else "A") if cfg.method == "rolora" else None   # B first: A's grad is 0 at B = 0
         self.set_trainable_factors(phase)
+        if cfg.client_init == "fresh" and t > 0 and cfg.method != "flora":  # flora restarts LoRA already
+            fold_into_base(self.model, {p: lora.lora_B.weight @ lora.lora_A.weight
+                                        for p, (lora, _, _) in lora_layers(self.model).items()})
+            reset_lora(self.model, _seed(cfg.seed, t, 4))
         glob = trainable_state(self.model)
 
         tic = time.perf_counter()
@@ -170,6 +183,8 @@ class Federation:
                 continue
             if cfg.method == "fedsa":
                 client.state = {key: up[key] for key in self.b_keys}
+            elif cfg.client_init == "local":
+                client.state = {key: up[key] for key in self.a_keys + self.b_keys}
             uploads.append(up)
             sizes.append(client.n)
             losses.append(loss)

@@ -68,6 +68,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--local-epochs", type=int, default=None)
     p.add_argument("--local-steps", type=int, default=None, help="cap on local steps per round")
+    p.add_argument("--client-init", default="global", choices=["global", "fresh", "local"],
+                   help="clients start a round from the global adapter (paper), a fresh LoRA, or their own last one")
+    p.add_argument("--centralised", action="store_true",
+                   help="reference run: one client holding every domain's training data")
     p.add_argument("--participation", type=float, default=1.0, help="fraction of clients per round")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
@@ -77,6 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fair-lam", type=float, default=0.01)
     p.add_argument("--fair-init", default="zeros", choices=["zeros", "xavier"])
     p.add_argument("--fair-similarity", default="flat", choices=["flat", "column"])
+    p.add_argument("--fair-correct", default="B", choices=["B", "A", "both"], help="which factor gets a residual")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (GPU default)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (0 on CPU, 8 on GPU)")
@@ -213,6 +218,8 @@ def build_data(args, model_cfg):
     else:
         doms = load_image_domains(args.data_root, args.dataset, domains, args.num_classes,
                                   make_transform(model_cfg, args.norm))
+    if args.centralised:
+        return doms, [Client(-1, list(range(sum(len(d.train) for d in doms))))]
     parts = partition(doms, args.clients_per_domain, args.dirichlet, seed=args.seed)
     return doms, [Client(d, idx) for d, idx in parts]
 
@@ -274,9 +281,9 @@ def run(args) -> int:
     domains, clients = build_data(args, model_cfg)
     cfg = FedConfig(method=args.method, lr=args.lr, batch_size=args.batch_size, local_epochs=args.local_epochs,
                     local_steps=args.local_steps, participation=args.participation, seed=args.seed, amp=args.amp,
-                    workers=args.workers, progress=args.progress,
+                    workers=args.workers, progress=args.progress, client_init=args.client_init,
                     agg_options=dict(steps=args.fair_steps, lr=args.fair_lr, lam=args.fair_lam, init=args.fair_init,
-                                     similarity=args.fair_similarity))
+                                     similarity=args.fair_similarity, correct=args.fair_correct))
     fed = Federation(model, domains, clients, cfg, device)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if done < 0:   # resume: restore the checkpoint and drop metrics of rounds after it

@@ -23,26 +23,34 @@ def dense_cos(X, Y, similarity, eps=1e-8):
     return ((X * Y).sum(-2) / (nX * nY)).mean(-1)
 
 
-def dense_lorafair(A, B, w, *, steps=1000, lr=0.01, lam=0.01, init="zeros", similarity="flat", seed=0):
-    """Eq. 8 by SGD, forming dW and (B_bar + dB) A_bar densely at every step."""
+def dense_lorafair(A, B, w, *, steps=1000, lr=0.01, lam=0.01, init="zeros", similarity="flat", correct="B",
+                   seed=0):
+    """Eq. 8 by SGD, forming dW and (B_bar + dB)(A_bar + dA) densely at every step."""
     A_bar = torch.einsum("...krd,k->...rd", A, w)
     B_bar = torch.einsum("...kdr,k->...dr", B, w)
     dW = dense_dW(A, B, w)
-    if init == "zeros":
+
+    def start(X, s):
+        if init == "zeros":
+            return torch.zeros_like(X)
+        g = torch.Generator().manual_seed(s)
+        noise = torch.rand(X.shape, generator=g, dtype=torch.float64) * 2 - 1
+        return (noise * math.sqrt(6.0 / (X.shape[-2] + X.shape[-1]))).to(X)
+    dB = start(B_bar, seed).requires_grad_(correct != "A")
+    dA = start(A_bar, seed + 1).requires_grad_(correct != "B")
+    if correct == "A":
         dB = torch.zeros_like(B_bar)
-    else:
-        d_out, r = B_bar.shape[-2:]
-        g = torch.Generator().manual_seed(seed)
-        noise = torch.rand(B_bar.shape, generator=g, dtype=torch.float64) * 2 - 1
-        dB = (noise * math.sqrt(6.0 / (d_out + r))).to(B_bar)
-    dB.requires_grad_(True)
-    opt = torch.optim.SGD([dB], lr=lr)
+    if correct == "B":
+        dA = torch.zeros_like(A_bar)
+    params = [x for x in (dB, dA) if x.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr)
     for _ in range(steps):
         opt.zero_grad()
-        loss = (1 - dense_cos(dW, (B_bar + dB) @ A_bar, similarity) + lam * (dB ** 2).sum((-2, -1))).sum()
+        Y = (B_bar + dB) @ (A_bar + dA)
+        loss = (1 - dense_cos(dW, Y, similarity) + lam * sum((x ** 2).sum((-2, -1)) for x in params)).sum()
         loss.backward()
         opt.step()
-    return A_bar, (B_bar + dB).detach()
+    return (A_bar + dA).detach(), (B_bar + dB).detach()
 
 
 def dense_flexlora(A, B, w):

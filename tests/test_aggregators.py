@@ -242,10 +242,28 @@ def test_lorafair_factored_equals_dense(init, similarity):
     assert torch.linalg.matrix_norm(u.B - b).max() < 1e-6 * torch.linalg.matrix_norm(dB).min()
 
 
+@pytest.mark.parametrize("correct", ["A", "both"])
+@pytest.mark.parametrize("similarity", ["flat", "column"])
+def test_lorafair_correcting_A_or_both_factored_equals_dense(correct, similarity):
+    A, B, w = clients(K=3, lead=(2,), d_out=24, d_in=17, r=3)
+    u = lorafair(A, B, w, steps=200, correct=correct, similarity=similarity, init="xavier", lr=0.05)
+    a, b = dense_lorafair(A, B, w, steps=200, correct=correct, similarity=similarity, init="xavier", lr=0.05)
+    A_bar, B_bar = avg(A, w), avg(B, w)
+    assert torch.linalg.matrix_norm(u.A - a).max() < 1e-6 * torch.linalg.matrix_norm(a - A_bar).min()
+    if correct == "A":
+        assert torch.equal(u.B, B_bar)
+    else:
+        assert torch.linalg.matrix_norm(u.B - b).max() < 1e-6 * torch.linalg.matrix_norm(b - B_bar).min()
+    v = lorafair(A, B, w, steps=300, correct=correct, similarity=similarity, lr=0.05)
+    dW = dense_dW(A, B, w)
+    for i in range(2):
+        assert cos_flat(dW[i], v.B[i] @ v.A[i]) > cos_flat(dW[i], B_bar[i] @ A_bar[i])
+
+
 def test_lorafair_rejects_bad_options():
     A, B, w = clients()
     for kw, msg in [({"lam": 200.0}, "diverge"), ({"init": "normal"}, "init"), ({"similarity": "row"}, "similarity"),
-                    ({"lr": 0.0}, "lr"), ({"steps": -1}, "steps"), ({"lam": -1.0}, "lam")]:
+                    ({"lr": 0.0}, "lr"), ({"steps": -1}, "steps"), ({"lam": -1.0}, "lam"), ({"correct": "AB"}, "correct")]:
         with pytest.raises(ValueError, match=msg):
             lorafair(A, B, w, **kw)
 

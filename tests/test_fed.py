@@ -138,3 +138,43 @@ def test_round_is_reproducible():
     a.run_round(), b.run_round()
     sa, sb = trainable_state(a.model), trainable_state(b.model)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_client_init_local_keeps_each_clients_adapter():
+    fed = federation("fedit", client_init="local")
+    fed.run_round()
+    states = [c.state for c in fed.clients]
+    assert all(len(s) == len(fed.a_keys) + len(fed.b_keys) for s in states)
+    fed.start_client(fed.clients[2], trainable_state(fed.model))
+    now = dict(fed.model.named_parameters())
+    assert all(torch.equal(now[k], v) for k, v in states[2].items())
+
+
+def test_client_init_fresh_folds_the_global_adapter_first():
+    fed = federation("lorafair", client_init="fresh")
+    fed.run_round()
+    x = torch.randn(2, 3, 32, 32)
+    fed.model.eval()
+    with torch.no_grad():
+        before = fed.model(x)
+    seen = []
+    orig = fed.local_train
+
+    def spy(client, seed):
+        fed.model.eval()
+        with torch.no_grad():
+            seen.append((lora_state(fed.model), fed.model(x)))
+        return orig(client, seed)
+    fed.local_train = spy
+    fed.run_round()
+    state, out = seen[0]
+    assert all(v.abs().sum() == 0 for k, v in state.items() if k.endswith("lora_B.weight"))   # fresh LoRA
+    torch.testing.assert_close(out, before, rtol=1e-4, atol=1e-5)   # the same function: adapter folded in W0
+
+
+def test_centralised_client_sees_every_domain():
+    fed = federation("fedit")
+    fed.clients = [Client(-1, list(range(sum(len(d.train) for d in fed.domains))))]
+    assert len(fed.train_set(fed.clients[0])) == 120
+    rec = fed.run_round()
+    assert rec["clients"] == [0] and rec["cos"] == pytest.approx(1.0, abs=1e-6)
