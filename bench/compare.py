@@ -1,0 +1,141 @@
+"""The method comparison (the paper's Table 1) and its ablations, by one command.
+
+    python bench/compare.py                          # every method + centralised, 3 seeds, embedded data
+    python bench/compare.py --ablations              # LoRA-FAIR's ablations instead
+    python bench/compare.py --dataset domainnet --data-root /data/domainnet --rounds 30 --local-epochs 1
+
+Every variant runs train.py with the same settings, once per seed; finished runs in --out are
+reused, unfinished ones resumed. Writes to --out: table.md (per-domain top-1, mean +- std over
+seeds, the paper's layout), curves.csv (per round: mean accuracy, cos(dW, dW_applied),
+relative error), curves.png (mean accuracy and cos per round, per variant).
+
+The embedded setting makes aggregation matter: 40 local steps of batch 16 per round on six
+distinct styles, so the clients drift apart (FedIT's cos(dW, B_bar A_bar) falls to about 0.95).
+It is the same for every method; nothing here is tuned per method.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from aggregators import AGGREGATORS  # noqa: E402
+import train  # noqa: E402
+
+METHODS = {m: ["--method", m] for m in AGGREGATORS}
+METHODS["centralised"] = ["--method", "fedit", "--centralised"]   # one client, all data: no aggregation
+ABLATIONS = {
+    "lorafair (correct B, lam 0.01)": ["--method", "lorafair"],
+    "correct A": ["--method", "lorafair", "--fair-correct", "A"],
+    "correct both": ["--method", "lorafair", "--fair-correct", "both"],
+    "lam 0": ["--method", "lorafair", "--fair-lam", "0"],
+    "lam 0.001": ["--method", "lorafair", "--fair-lam", "0.001"],
+    "lam 0.1": ["--method", "lorafair", "--fair-lam", "0.1"],
+    "dB init xavier": ["--method", "lorafair", "--fair-init", "xavier"],
+    "column cosine": ["--method", "lorafair", "--fair-similarity", "column"],
+    "clients start fresh": ["--method", "lorafair", "--client-init", "fresh"],
+    "clients start local": ["--method", "lorafair", "--client-init", "local"],
+}
+EMBEDDED = ["--rounds", "6", "--local-epochs", "100", "--local-steps", "40", "--batch-size", "16",
+            "--eval-every", "1"]
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="shapes", choices=["shapes", "domainnet", "nicopp"])
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--only", default=None, help="comma-separated subset of the variants")
+    p.add_argument("--ablations", action="store_true", help="run LoRA-FAIR's ablations instead of the methods")
+    p.add_argument("--out", default=None, help="default bench/results/<dataset>[-ablations]")
+    return p
+
+
+def run_variant(name: str, argv: list[str], out: str) -> list[dict]:
+    """Run (or resume, or reuse) one variant for one seed; return its metrics records."""
+    final = os.path.join(out, "final.safetensors")
+    if not os.path.isfile(final):
+        resume = ["--resume"] if os.path.isfile(os.path.join(out, "checkpoint.safetensors")) else []
+        print(f"== {name}: {' '.join(argv)}", file=sys.stderr)
+        if train.main([*argv, "--out", out, "--no-progress", *resume]) != 0:
+            raise SystemExit(f"{name} failed; see the error above")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def fmt(xs: list[float]) -> str:
+    xs = [100 * x for x in xs]
+    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
+
+
+def main(argv=None):
+    args, extra = get_args_parser().parse_known_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = ABLATIONS if args.ablations else METHODS
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
+    out = args.out or os.path.join("bench", "results", args.dataset + ("-ablations" if args.ablations else ""))
+    base = ["--dataset", args.dataset] + (["--data-root", args.data_root] if args.data_root else [])
+    base += (EMBEDDED if args.dataset == "shapes" else []) + extra
+
+    results: dict[str, list[list[dict]]] = {}
+    for name, v in variants.items():
+        v = list(v)
+        if "--centralised" in v and args.dataset == "shapes":   # same images per round as all clients together
+            v += ["--local-steps", str(40 * 6)]
+        results[name] = [run_variant(name, base + v + ["--seed", str(s)],
+                                     os.path.join(out, name.replace(" ", "_").replace(",", ""), f"seed{s}"))
+                         for s in seeds]
+
+    domains = [k for k in results[next(iter(results))][0][-1]["acc"] if k != "mean"]
+    lines = [f"{args.dataset}, {len(seeds)} seeds ({args.seeds}), top-1 % of the global model after the last round, "
+             "mean ± std over seeds", "",
+             "| method | " + " | ".join(domains) + " | **mean** | cos(dW, applied) |",
+             "|---|" + "---|" * (len(domains) + 2)]
+    for name, runs in results.items():
+        cells = [fmt([r[-1]["acc"][d] for r in runs]) for d in domains]
+        cos = statistics.mean(statistics.mean(rec["cos"] for rec in r) for r in runs)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{fmt([r[-1]['acc']['mean'] for r in runs])}** "
+                     f"| {cos:.4f} |")
+    lines += ["", "Command: `python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
+              "Settings: `" + " ".join(base) + "`"]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    with open(os.path.join(out, "curves.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["variant", "seed", "round", "mean_acc", "cos", "rel_err", "train_loss"])
+        for name, runs in results.items():
+            for s, r in zip(seeds, runs):
+                for rec in r:
+                    w.writerow([name, s, rec["round"], rec.get("acc", {}).get("mean", ""), rec["cos"], rec["rel_err"],
+                                rec["train_loss"]])
+    plot(results, os.path.join(out, "curves.png"), args.dataset)
+
+
+def plot(results, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, runs in results.items():
+        rounds = [rec["round"] for rec in runs[0] if "acc" in rec]
+        acc = [statistics.mean(100 * r[i]["acc"]["mean"] for r in runs) for i, rec in enumerate(runs[0]) if "acc" in rec]
+        ax1.plot(rounds, acc, marker="o", ms=3, label=name)
+        ax2.plot([rec["round"] for rec in runs[0]],
+                 [statistics.mean(r[i]["cos"] for r in runs) for i in range(len(runs[0]))], marker="o", ms=3, label=name)
+    ax1.set(xlabel="round", ylabel="mean top-1 (%)", title=f"{title}: global model accuracy")
+    ax2.set(xlabel="round", ylabel="cos(dW, dW applied)", title="aggregation fidelity, mean over layers")
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
