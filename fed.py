@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Subset
@@ -79,8 +80,9 @@ class Federation:
     """The server and its clients around one model (backbone frozen, LoRA injected, head new)."""
 
     def __init__(self, model: nn.Module, domains: list[DomainData], clients: list[Client], cfg: FedConfig,
-                 device: torch.device):
+                 device: torch.device, rank: int = 0, world: int = 1):
         self.model, self.domains, self.clients, self.cfg, self.device = model, domains, clients, cfg, device
+        self.rank, self.world = rank, world              # torch.distributed: this process trains chosen[rank::world]
         self.round = 0                                   # rounds completed
         self.a_keys = [k for k in trainable_state(model) if k.endswith("lora_A.weight")]
         self.b_keys = [k for k in trainable_state(model) if k.endswith("lora_B.weight")]
@@ -171,22 +173,26 @@ class Federation:
         glob = trainable_state(self.model)
 
         tic = time.perf_counter()
+        results = []                                   # (k, upload, loss) of the clients this process trains
+        for k in chosen[self.rank::self.world]:
+            self.start_client(self.clients[k], glob)
+            loss = self.local_train(self.clients[k], _seed(cfg.seed, t, 2, k))
+            results.append((k, trainable_state(self.model), loss))
+        if self.world > 1:
+            results = self.exchange(results, len(chosen), glob)
         uploads, sizes, losses, dropped = [], [], [], []
-        for k in chosen:
-            client = self.clients[k]
-            self.start_client(client, glob)
-            loss = self.local_train(client, _seed(cfg.seed, t, 2, k))
-            up = trainable_state(self.model)
+        for k, up, loss in sorted(results, key=lambda x: x[0]):
             if not math.isfinite(loss) or not all(v.isfinite().all() for v in up.values()):
-                warnings.warn(f"round {t}: client {k}'s update is NaN/Inf; left out of this round")
+                if self.rank == 0:
+                    warnings.warn(f"round {t}: client {k}'s update is NaN/Inf; left out of this round")
                 dropped.append(k)
                 continue
             if cfg.method == "fedsa":
-                client.state = {key: up[key] for key in self.b_keys}
+                self.clients[k].state = {key: up[key] for key in self.b_keys}
             elif cfg.client_init == "local":
-                client.state = {key: up[key] for key in self.a_keys + self.b_keys}
+                self.clients[k].state = {key: up[key] for key in self.a_keys + self.b_keys}
             uploads.append(up)
-            sizes.append(client.n)
+            sizes.append(self.clients[k].n)
             losses.append(loss)
         t_train = time.perf_counter() - tic
         if not uploads:
@@ -206,6 +212,11 @@ class Federation:
         if cfg.method == "fedsa":   # the global B (for global evaluation) is B_bar; clients keep their own
             for key in self.b_keys:
                 new[key] = weighted_mean(torch.stack([u[key] for u in uploads]), w.to(uploads[0][key]))
+        if self.world > 1:   # rank 0's result everywhere, so last-bit differences can never accumulate
+            flat = torch.cat([new[key].reshape(-1) for key in glob])
+            dist.broadcast(flat, src=0)
+            new = dict(zip(glob, (x.view_as(glob[key]) for key, x in
+                                  zip(glob, flat.split([v.numel() for v in glob.values()])))))
         load_trainable(self.model, new)
         if agg.delta_w:
             fold_into_base(self.model, agg.delta_w)
@@ -218,6 +229,31 @@ class Federation:
                 "cos": sum(agg.cos.values()) / len(agg.cos),
                 "rel_err": sum(agg.rel_err.values()) / len(agg.rel_err),
                 "seconds": {"train": t_train, "aggregate": t_agg}}
+
+    def exchange(self, results: list, m: int, like: dict[str, Tensor]) -> list:
+        """all_gather every process's (k, upload, loss): one row per client, [k, loss, *flat upload].
+
+        Only LoRA factors and heads (the trainable tensors) and the client index cross the wire; the
+        client sizes n_k are known to every process already. Rows are padded to the largest share.
+        """
+        per = -(-m // self.world)                                            # ceil(m / world)
+        keys, shapes = list(like), [v.shape for v in like.values()]
+        width = 2 + sum(v.numel() for v in like.values())
+        dtype = next(iter(like.values())).dtype
+        rows = torch.full((per, width), -1.0, device=self.device, dtype=dtype)  # (per, 2 + P); k = -1: padding
+        for i, (k, up, loss) in enumerate(results):
+            rows[i, 0], rows[i, 1] = k, loss
+            rows[i, 2:] = torch.cat([up[key].reshape(-1) for key in keys])
+        gathered = [torch.empty_like(rows) for _ in range(self.world)]
+        dist.all_gather(gathered, rows)
+        out = []
+        for row in torch.cat(gathered):
+            if row[0] < 0:
+                continue
+            parts = row[2:].split([math.prod(s) for s in shapes])
+            out.append((int(row[0]), {key: p.view(s).to(like[key].dtype) for key, p, s in zip(keys, parts, shapes)},
+                        float(row[1])))
+        return out
 
     # ------------------------------------------------------------------ evaluation
 

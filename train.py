@@ -38,7 +38,7 @@ DATASET_DEFAULTS = {
 LORA_TARGETS = {"vit": ["attn.proj", "mlp.fc2"], "mixer": ["mlp_tokens.fc2", "mlp_channels.fc2"]}
 CACHE = os.environ.get("LORAFAIR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lorafair"))
 # keys of config.json that must match for --resume (the rest may change: rounds, device, workers, out)
-RESUME_FREE = {"rounds", "resume", "out", "device", "workers", "progress", "eval_every"}
+RESUME_FREE = {"rounds", "resume", "out", "device", "workers", "progress", "eval_every", "dist_timeout"}
 
 
 class UserError(Exception):
@@ -89,6 +89,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/latest")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--dist-timeout", type=float, default=600,
+                   help="torchrun: seconds a process waits for the others before ending with an error")
     return p
 
 
@@ -259,21 +261,65 @@ def prepare_out(args) -> int:
     return -1
 
 
+def setup_distributed(args) -> tuple[int, int, bool]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPU) and pick
+    this process's device. Returns (rank, world size, whether this call created the group)."""
+    import datetime
+    import torch.distributed as dist
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1, False
+    created = not dist.is_initialized()
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(args.device)
+    if created:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.dist_timeout))
+    return dist.get_rank(), dist.get_world_size(), created
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    rank, world, created = 0, 1, False
     try:
-        return run(resolve(args))
+        args = resolve(args)
+        rank, world, created = setup_distributed(args)
+        return run(args, rank, world)
     except (UserError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:   # a rank died or timed out: end here too, never hang
+        lost = isinstance(e, torch.distributed.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "peer"))
+        if world == 1 or not lost:
+            raise
+        print(f"error: rank {rank} of {world}: lost the other processes ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''}); the last checkpoint in {args.out} is intact, "
+              "continue with --resume", file=sys.stderr)
+        return 1
+    finally:
+        if created:
+            torch.distributed.destroy_process_group()
 
 
-def run(args) -> int:
+def run(args, rank: int = 0, world: int = 1) -> int:
     from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    done = prepare_out(args)
+    lead = rank == 0                     # logging, progress bars, evaluation and files: rank 0 only
+    args.progress = args.progress and lead
+    status = [0, ""]
+    if lead:
+        try:
+            status = [prepare_out(args), ""]
+        except UserError as e:
+            status = [-2, str(e)]
+    if world > 1:
+        torch.distributed.broadcast_object_list(status, src=0)
+    if status[0] == -2:
+        raise UserError(status[1] if lead else f"rank 0 refused the run: {status[1]}")
+    done = status[0]
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     model, model_cfg = build_model(args)
@@ -284,27 +330,32 @@ def run(args) -> int:
                     workers=args.workers, progress=args.progress, client_init=args.client_init,
                     agg_options=dict(steps=args.fair_steps, lr=args.fair_lr, lam=args.fair_lam, init=args.fair_init,
                                      similarity=args.fair_similarity, correct=args.fair_correct))
-    fed = Federation(model, domains, clients, cfg, device)
+    fed = Federation(model, domains, clients, cfg, device, rank, world)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     if done < 0:   # resume: restore the checkpoint and drop metrics of rounds after it
         ckpt = os.path.join(args.out, "checkpoint.safetensors")
         with safe_open(ckpt, "pt") as f:
             done = int(f.metadata()["round"])
             fed.load_state_tensors({k: f.get_tensor(k).to(device) for k in f.keys()}, done)
-        if os.path.isfile(metrics_path):
+        if lead and os.path.isfile(metrics_path):
             with open(metrics_path) as f:
                 keep = [line for line in f if json.loads(line)["round"] <= done]
             with open(metrics_path + ".tmp", "w") as f:
                 f.writelines(keep)
             os.replace(metrics_path + ".tmp", metrics_path)
-        print(f"resuming {args.out} after round {done}", file=sys.stderr)
-    print(f"{args.method} on {args.dataset}: {len(clients)} clients over {len(domains)} domains, "
-          f"model {args.model}, rank {args.rank}, {args.rounds} rounds, device {device}", file=sys.stderr)
+        if lead:
+            print(f"resuming {args.out} after round {done}", file=sys.stderr)
+    if lead:
+        print(f"{args.method} on {args.dataset}: {len(clients)} clients over {len(domains)} domains, model "
+              f"{args.model}, rank {args.rank}, {args.rounds} rounds, {world} process(es), device {device}",
+              file=sys.stderr)
 
     acc = None
     for _ in tqdm(range(done, args.rounds), desc=args.method, initial=done, total=args.rounds,
                   disable=not args.progress):
         rec = fed.run_round()
+        if not lead:
+            continue
         tic = time.perf_counter()
         if rec["round"] % args.eval_every == 0 or rec["round"] == args.rounds:
             acc = fed.evaluate()
@@ -316,6 +367,8 @@ def run(args) -> int:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         save_checkpoint(fed, args.out)
+    if not lead:
+        return 0
     if fed.skipped_images:
         print(f"warning: {fed.skipped_images} unreadable images were skipped", file=sys.stderr)
 

@@ -1,0 +1,173 @@
+"""Server step of every method over geometries x K x r, next to its dense reference and the bound.
+
+Geometries: the paper's ViT-B/16 (12 x attn.proj 768x768, 12 x mlp.fc2 768 out x 3072 in), q/v
+LoRA of a 7B LLM (32 layers x {q, v}, 4096x4096) and a toy one (4 x 64x48); K in {6, 30, 100};
+r in {8, 16, 64}. The bound is what a perfect implementation would need on this machine:
+max(FLOPs / matmul FLOP/s, bytes / copy bandwidth), both measured at the start of the run.
+Configurations whose inputs exceed BENCH_MEM_GB (default 6) or whose predicted time exceeds
+BENCH_BUDGET_S (default 20 s a call) are skipped, with the reason printed.
+
+    pytest bench/test_grid.py                  # CPU, float32; on CUDA also bf16-free float32 on GPU
+"""
+import os
+import time
+
+import pytest
+import torch
+
+from aggregators import AGGREGATORS
+from tests.reference import dense_dW, dense_flexlora, dense_lorafair
+
+GEOMETRIES = {
+    "toy": [(64, 48)] * 4,
+    "vit_b16": [(768, 768)] * 12 + [(768, 3072)] * 12,
+    "llm7b_qv": [(4096, 4096)] * 64,
+}
+KS, RS = (6, 30, 100), (8, 16, 64)
+FAIR_STEPS = 20             # timed steps; LoRA-FAIR's 1000-step cost is reported per step
+MEM_GB = float(os.environ.get("BENCH_MEM_GB", 6))
+BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", 20))
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+ROWS: list[dict] = []
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, repeat=3, warmup=True):
+    if warmup:
+        fn()
+        sync(device)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def machine(request):
+    """Measured matmul FLOP/s (4096^2 float32 GEMM) and copy bandwidth (512 MiB) on this device."""
+    dev = request.param
+    n = 4096 if dev == "cuda" else 2048
+    a, b = torch.randn(n, n, device=dev), torch.randn(n, n, device=dev)
+    flops = 2 * n ** 3 / timeit(lambda: a @ b, dev)
+    x = torch.empty(128 * 2 ** 20, device=dev)
+    y = torch.empty_like(x)
+    bw = 2 * x.numel() * 4 / timeit(lambda: y.copy_(x), dev)      # read + write
+    return {"device": dev, "flops": flops, "bw": bw}
+
+
+def cost(method, do, di, K, r):
+    """(FLOPs, bytes) a perfect implementation needs for one layer, float32."""
+    Kr = K * r
+    inputs = K * r * (do + di)
+    if method in ("fedit", "ffa", "fedsa", "rolora"):
+        return 2 * inputs, 4 * (inputs + r * (do + di))
+    if method in ("flora", "fedex"):
+        return 2 * do * (Kr + (r if method == "fedex" else 0)) * di, 4 * (inputs + do * di)
+    if method == "flexlora":
+        m = min(Kr, do, di)
+        return 4 * (do + di) * Kr * m + 22 * m ** 3 + 2 * (do + di) * m * r, 4 * (inputs + 2 * (do + di) * m)
+    if method == "lorafair":   # setup + FAIR_STEPS x (forward + backward ~ 3 x forward)
+        setup = 2 * (do + di) * Kr * Kr + 2 * Kr * di * r + 2 * do * Kr * r
+        per_step = 3 * (2 * do * r * r + 6 * do * r)
+        return setup + FAIR_STEPS * per_step, 4 * (inputs + FAIR_STEPS * 8 * do * r)
+    raise KeyError(method)
+
+
+def reference(method):
+    """The obvious implementation: per-client loops, dense dW, dense SVD, dense per-step solver."""
+    avg = lambda X, w: sum(w[k] * X[..., k, :, :] for k in range(X.shape[-3]))   # noqa: E731
+    return {
+        "fedit": lambda A, B, w: (avg(A, w), avg(B, w)),
+        "ffa": lambda A, B, w: (A[..., 0, :, :], avg(B, w)),
+        "fedsa": lambda A, B, w: avg(A, w),
+        "rolora": lambda A, B, w: (avg(A, w), B[..., 0, :, :]),
+        "flora": dense_dW,
+        "fedex": lambda A, B, w: dense_dW(A, B, w) - avg(B, w) @ avg(A, w),
+        "flexlora": dense_flexlora,
+        "lorafair": lambda A, B, w: dense_lorafair(A, B, w, steps=FAIR_STEPS),
+    }[method]
+
+
+def inputs(geometry, K, r, method, device):
+    g = torch.Generator().manual_seed(0)
+    groups = {}
+    for shape in GEOMETRIES[geometry]:
+        groups[shape] = groups.get(shape, 0) + 1
+    data = []
+    for (do, di), L in groups.items():
+        A = (torch.randn(L, K, r, di, generator=g) / di ** 0.5).to(device)
+        B = (torch.randn(L, K, do, r, generator=g) * 1e-2).to(device)
+        if method == "ffa":
+            A[:] = A[:, :1]
+        if method == "rolora":
+            B[:] = B[:, :1]
+        data.append((A, B))
+    return data
+
+
+def predicted(method, geometry, K, r, m, dense=False):
+    f = b = 0
+    for do, di in GEOMETRIES[geometry]:
+        fl, by = cost(method, do, di, K, r)
+        if dense and method in ("lorafair", "flexlora"):   # the references form d_out x d_in matrices
+            fl = max(fl, (FAIR_STEPS * 6 if method == "lorafair" else 30) * do * di * max(r, min(do, di) // 4))
+        f, b = f + fl, b + by
+    return max(f / m["flops"], b / m["bw"])
+
+
+@pytest.mark.parametrize("r", RS)
+@pytest.mark.parametrize("K", KS)
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_server_step(benchmark, machine, method, geometry, K, r):
+    dev = machine["device"]
+    gb = sum(4 * K * r * (do + di) + (4 * do * di if method in ("flora", "fedex", "flexlora") else 0)
+             for do, di in GEOMETRIES[geometry]) / 2 ** 30
+    if gb > MEM_GB:
+        pytest.skip(f"inputs and output {gb:.1f} GB > BENCH_MEM_GB={MEM_GB}")
+    bound = predicted(method, geometry, K, r, machine)
+    if bound * 20 > BUDGET_S:
+        pytest.skip(f"even a perfect implementation needs {bound:.1f} s a call here")
+    data = inputs(geometry, K, r, method, dev)
+    w = torch.full((K,), 1.0 / K, device=dev)
+    fn, kw = AGGREGATORS[method], {"phase": "A"} if method == "rolora" else {}
+    if method == "lorafair":
+        kw = {"steps": FAIR_STEPS}
+    benchmark.pedantic(lambda: [fn(A, B, w, **kw) for A, B in data] and sync(dev), rounds=3, iterations=1,
+                       warmup_rounds=1)
+    fast = benchmark.stats.stats.min
+    ref_pred = predicted(method, geometry, K, r, machine, dense=True) * 20
+    ref_fn = reference(method)
+    ref = timeit(lambda: [ref_fn(A, B, w) for A, B in data], dev, repeat=1, warmup=False) if ref_pred < BUDGET_S else None
+    ROWS.append(dict(device=dev, method=method, geometry=geometry, K=K, r=r, fast=fast, ref=ref, bound=bound))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def write_table():
+    """After the grid: a markdown table in bench/results/server_grid.md, also printed."""
+    yield
+    if not ROWS:
+        return
+    from bench.conftest import machine as describe
+    lines = [f"Machine: {describe()}. Times are the best of 3 calls (float32); lorafair runs {FAIR_STEPS} SGD "
+             "steps (x50 for a 1000-step round). ref: the obvious implementation (tests/reference.py, per-client "
+             "loops); '-' where it would exceed the time budget. bound: max(FLOPs / matmul FLOP/s, bytes / copy "
+             "bandwidth) measured in the same run.", "",
+             "| device | geometry | K | r | method | fast (ms) | ref (ms) | ref / fast | % of bound |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in ROWS:
+        ref = f"{row['ref'] * 1e3:.1f}" if row["ref"] else "-"
+        ratio = f"{row['ref'] / row['fast']:.1f}x" if row["ref"] else "-"
+        lines.append(f"| {row['device']} | {row['geometry']} | {row['K']} | {row['r']} | {row['method']} | "
+                     f"{row['fast'] * 1e3:.2f} | {ref} | {ratio} | {100 * row['bound'] / row['fast']:.1f}% |")
+    os.makedirs("bench/results", exist_ok=True)
+    with open("bench/results/server_grid.md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))

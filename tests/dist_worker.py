@@ -1,0 +1,32 @@
+"""Run by tests/test_distributed.py in several processes (torchrun, or plain env:// processes).
+
+    dist_worker.py OUT all-methods   run 2 rounds of every method, one --out per method
+    dist_worker.py OUT die           rank 1 dies during round 2 (no agent to kill rank 0 for it)
+"""
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fed  # noqa: E402
+from aggregators import AGGREGATORS  # noqa: E402
+from tests.test_train import TINY  # noqa: E402
+from train import main  # noqa: E402
+
+out, mode = sys.argv[1], sys.argv[2]
+if mode == "all-methods":
+    dist.init_process_group("gloo")          # once, shared by the runs below
+    codes = [main([*TINY, "--method", m, "--rounds", "2", "--out", os.path.join(out, m)]) for m in AGGREGATORS]
+    dist.destroy_process_group()
+    sys.exit(max(codes))
+if mode == "die":
+    orig = fed.Federation.local_train
+
+    def local_train(self, client, seed):
+        if self.rank == 1 and self.round == 1:
+            os._exit(17)
+        return orig(self, client, seed)
+    fed.Federation.local_train = local_train
+    sys.exit(main([*TINY, "--method", "fedit", "--rounds", "3", "--out", out, "--dist-timeout", "30"]))
