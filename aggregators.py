@@ -226,8 +226,10 @@ def rolora(A: Tensor, B: Tensor, w, *, phase: str, layer: Names = "layer", tol: 
     if phase not in ("A", "B"):
         raise ValueError(f"{_name(layer, -1)}: rolora phase must be 'A' or 'B', got {phase!r}")
     if phase == "A":
-        return Update(weighted_mean(A, w), _shared(B, tol, layer, "rolora phase 'A' needs one B shared by every client"), None)
-    return Update(_shared(A, tol, layer, "rolora phase 'B' needs one A shared by every client"), weighted_mean(B, w), None)
+        B0 = _shared(B, tol, layer, "rolora phase 'A' needs one B shared by every client")
+        return Update(weighted_mean(A, w), B0, None)
+    A0 = _shared(A, tol, layer, "rolora phase 'B' needs one A shared by every client")
+    return Update(A0, weighted_mean(B, w), None)
 
 
 def _cosine_parts(U: Tensor, V: Tensor, A_bar: Tensor, similarity: str, eps: float):

@@ -11,7 +11,6 @@ Partitions (paper, Setup): feature non-IID, one client per domain; feature + lab
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 from dataclasses import dataclass

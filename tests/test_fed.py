@@ -4,7 +4,7 @@ import torch
 
 from aggregators import AGGREGATORS
 from data import load_shapes, partition
-from fed import Client, FedConfig, Federation, load_trainable
+from fed import Client, FedConfig, Federation
 from lora import inject_lora, lora_layers, lora_state, trainable_state
 from train import shapes_vit
 
