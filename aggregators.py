@@ -232,9 +232,10 @@ def rolora(A: Tensor, B: Tensor, w, *, phase: str, layer: Names = "layer", tol: 
     return Update(A0, weighted_mean(B, w), None)
 
 
-def _cosine_parts(U: Tensor, V: Tensor, A_bar: Tensor, similarity: str, eps: float):
+def _cosine_parts(U: Tensor, V: Optional[Tensor], A_bar: Tensor, similarity: str, eps: float):
     """Precompute what cos(dW, B' A') needs; return a function of (B', A'), A' = None meaning A_bar.
 
+    dW = U V (factored) or, with V None, U is dW itself (cheaper when K r (d_out + d_in) > d_out d_in).
     flat:   cos = <dW, B' A'>_F / (||dW||_F ||B' A'||_F), with ||dW||^2 = sum((U^T U) * (V V^T)) and
             for A' = A_bar:  <dW, B' A_bar> = sum(B' * C), C = dW A_bar^T = U (V A_bar^T)  (d_out, r)
                              ||B' A_bar||^2 = sum((B' G) * B'), G = A_bar A_bar^T         (r, r)
@@ -245,27 +246,34 @@ def _cosine_parts(U: Tensor, V: Tensor, A_bar: Tensor, similarity: str, eps: flo
             ||Y_j||^2 = A'_j^T (B'^T B') A'_j.
     Norms are clamped below at eps, as torch.nn.functional.cosine_similarity does.
     """
-    UtU = U.mT @ U                                                            # (..., K r, K r)
+    dense = V is None
+    UtU = None if dense else U.mT @ U                                         # (..., K r, K r)
+
+    def projected(Bp: Tensor) -> Tensor:                                      # B'^T dW: (..., r, d_in)
+        return Bp.mT @ U if dense else (Bp.mT @ U) @ V
+
     if similarity == "flat":
-        C = U @ (V @ A_bar.mT)                                                # (..., d_out, r)
+        C = U @ A_bar.mT if dense else U @ (V @ A_bar.mT)                    # (..., d_out, r)
         G = A_bar @ A_bar.mT                                                  # (..., r, r)
-        nX = (UtU * (V @ V.mT)).sum((-2, -1)).clamp_min(0).sqrt().clamp_min(eps)  # (...,)
+        nX2 = U.square().sum((-2, -1)) if dense else (UtU * (V @ V.mT)).sum((-2, -1))
+        nX = nX2.clamp_min(0).sqrt().clamp_min(eps)                          # (...,)
 
         def cos(Bp: Tensor, Ap: Optional[Tensor] = None) -> Tensor:
             if Ap is None:
                 inner = (Bp * C).sum((-2, -1))
                 nY2 = ((Bp @ G) * Bp).sum((-2, -1))
             else:
-                inner = ((U.mT @ Bp) * (V @ Ap.mT)).sum((-2, -1))
+                inner = (projected(Bp) * Ap).sum((-2, -1)) if dense else ((U.mT @ Bp) * (V @ Ap.mT)).sum((-2, -1))
                 nY2 = ((Bp.mT @ Bp) * (Ap @ Ap.mT)).sum((-2, -1))
             return inner / (nX * nY2.clamp_min(eps * eps).sqrt())             # (...,)
         return cos
     if similarity == "column":
-        nX = (V * (UtU @ V)).sum(-2).clamp_min(0).sqrt().clamp_min(eps)      # (..., d_in)
+        nX2 = U.square().sum(-2) if dense else (V * (UtU @ V)).sum(-2)
+        nX = nX2.clamp_min(0).sqrt().clamp_min(eps)                           # (..., d_in)
 
         def cos(Bp: Tensor, Ap: Optional[Tensor] = None) -> Tensor:
             Ap = A_bar if Ap is None else Ap
-            inner = (V * ((U.mT @ Bp) @ Ap)).sum(-2)                          # (..., d_in)
+            inner = (Ap * projected(Bp)).sum(-2)                              # (..., d_in)
             nY = (Ap * ((Bp.mT @ Bp) @ Ap)).sum(-2).clamp_min(eps * eps).sqrt()
             return (inner / (nX * nY)).mean(-1)                               # (...,)
         return cos
@@ -320,6 +328,9 @@ def lorafair(A: Tensor, B: Tensor, w, *, layer: Names = "layer", steps: int = 10
     A, B = A.detach(), B.detach()
     A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)  # A_bar: (..., r, d_in)  B_bar: (..., d_out, r)
     U, V = stacked_factors(A, B, w)                          # U: (..., d_out, K r)  V: (..., K r, d_in)
+    (d_out, Kr), d_in = U.shape[-2:], V.shape[-1]
+    if Kr * (d_out + d_in) > d_out * d_in:                   # many clients: the dense dW is the smaller form
+        U, V = U @ V, None
     cos = _cosine_parts(U, V, A_bar, similarity, eps)
     start = (lambda X, s: torch.zeros_like(X)) if init == "zeros" else _xavier
     dB = start(B_bar, seed) if correct != "A" else None      # (..., d_out, r)
