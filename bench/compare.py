@@ -9,9 +9,11 @@ reused, unfinished ones resumed. Writes to --out: table.md (per-domain top-1, me
 seeds, the paper's layout), curves.csv (per round: mean accuracy, cos(dW, dW_applied),
 relative error), curves.png (mean accuracy and cos per round, per variant).
 
-The embedded setting makes aggregation matter: 40 local steps of batch 16 per round on six
-distinct styles, so the clients drift apart (FedIT's cos(dW, B_bar A_bar) falls to about 0.95).
-It is the same for every method; nothing here is tuned per method.
+The embedded setting makes aggregation matter: 40 local steps of batch 16 at lr 0.03 per round on
+six distinct styles, so the clients drift apart (FedIT's cos(dW, B_bar A_bar) about 0.97-0.99,
+against 0.9999 for the default run). lr 0.03 was chosen once, with FedIT, as the largest of
+{0.01, 0.02, 0.03, 0.05} whose local training stayed stable (at 0.05 FedIT's loss rose round
+over round); it is the same for every method; nothing here is tuned per method.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ ABLATIONS = {
     "clients start local": ["--method", "lorafair", "--client-init", "local"],
 }
 EMBEDDED = ["--rounds", "6", "--local-epochs", "100", "--local-steps", "40", "--batch-size", "16",
-            "--eval-every", "1"]
+            "--lr", "0.03", "--eval-every", "1"]
 
 
 def get_args_parser():
