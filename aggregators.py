@@ -105,16 +105,16 @@ def _check(A: Tensor, B: Tensor, w, layer: Names) -> Tensor:
 
 def _shared(X: Tensor, tol: float, layer: Names, what: str) -> Tensor:
     """Check the clients' copies of a factor that must be shared are identical; return one copy."""
-    X0 = X[..., :1, :, :]                                                     # (..., 1, m, n)
+    X0 = X[..., 0, :, :]                                                      # (..., m, n)
     lead = X.shape[:-3]
-    spread = (X - X0).abs().flatten(-3).amax(-1).reshape(-1)                  # (L,)
-    scale = X0.abs().flatten(-3).amax(-1).reshape(-1)
+    spread = (X.amax(-3) - X.amin(-3)).flatten(-2).amax(-1).reshape(-1)      # (L,): no (K, m, n) temporary
+    scale = X0.abs().flatten(-2).amax(-1).reshape(-1)
     bad = (spread > tol * scale).nonzero()
     if len(bad):
         l = int(bad[0])
         raise ValueError(f"{_name(layer, l if lead else -1)}: {what}, but the clients' copies differ "
                          f"by up to {spread[l].item():.3g}")
-    return X0.squeeze(-3)
+    return X0
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -251,14 +251,16 @@ def _sgd_flat_B(B_bar: Tensor, dB: Tensor, C: Tensor, G: Tensor, nX: Tensor, ste
     the same steps autograd would take, without its per-step overhead (1000 steps a round).
     """
     nX = nX[..., None, None]                                                  # (..., 1, 1)
+    C_flat, decay = C.flatten(-2), 1 - 2 * lr * lam
+    dB = dB.clone()
     for _ in range(steps):
         Bp = B_bar + dB                                                       # (..., d_out, r)
         P = Bp @ G                                                            # (..., d_out, r)
-        n2 = (P * Bp).sum((-2, -1), keepdim=True)                             # (..., 1, 1)
+        n2 = torch.linalg.vecdot(P.flatten(-2), Bp.flatten(-2))[..., None, None]   # n^2: (..., 1, 1)
         n = n2.clamp_min(eps * eps).sqrt()
-        cos = (Bp * C).sum((-2, -1), keepdim=True) / (nX * n)
-        dcos = C / (nX * n) - (cos / n2) * P * (n2 > eps * eps)              # norm clamped: no gradient
-        dB = dB - lr * (2 * lam * dB - dcos)
+        cos = torch.linalg.vecdot(Bp.flatten(-2), C_flat)[..., None, None] / (nX * n)
+        # dB <- dB - lr (2 lam dB - d cos / d B'); a clamped norm contributes no gradient
+        dB.mul_(decay).addcmul_(C, lr / (nX * n)).addcmul_(P, -lr * cos / n2 * (n2 > eps * eps))
     return dB
 
 

@@ -120,8 +120,10 @@ def predicted(method, geometry, K, r, m, dense=False):
     f = b = 0
     for do, di in GEOMETRIES[geometry]:
         fl, by = cost(method, do, di, K, r)
-        if dense and method in ("lorafair", "flexlora"):   # the references form d_out x d_in matrices
-            fl = max(fl, (FAIR_STEPS * 6 if method == "lorafair" else 30) * do * di * max(r, min(do, di) // 4))
+        if dense and method == "lorafair":    # forms dW once and (B_bar + dB) A_bar at every step, fwd + bwd
+            fl = 2 * do * di * K * r + FAIR_STEPS * 6 * do * di * r
+        if dense and method == "flexlora":    # dense dW, then a dense SVD (~14 d_out d_in min(d_out, d_in))
+            fl = 2 * do * di * K * r + 14 * do * di * min(do, di)
         f, b = f + fl, b + by
     return max(f / m["flops"], b / m["bw"])
 
@@ -132,6 +134,9 @@ def predicted(method, geometry, K, r, m, dense=False):
 @pytest.mark.parametrize("method", list(AGGREGATORS))
 def test_server_step(benchmark, machine, method, geometry, K, r):
     dev = machine["device"]
+    if r > min(min(shape) for shape in GEOMETRIES[geometry]):
+        pytest.skip(f"r = {r} exceeds the layers' size")
+
     def gb(dense):       # inputs plus `dense` d_out x d_in matrices per layer, float32
         return sum(4 * K * r * (do + di) + 4 * dense * do * di for do, di in GEOMETRIES[geometry]) / 2 ** 30
     dense_fast = 1 if method in ("flora", "fedex") or (method == "lorafair" and K * r > 2048) else 0
@@ -149,7 +154,7 @@ def test_server_step(benchmark, machine, method, geometry, K, r):
     benchmark.pedantic(lambda: [fn(A, B, w, **kw) for A, B in data] and sync(dev), rounds=2, iterations=1,
                        warmup_rounds=1)
     fast = benchmark.stats.stats.min
-    ref_pred = predicted(method, geometry, K, r, machine, dense=True) * 10   # dense code runs ~10x its bound
+    ref_pred = predicted(method, geometry, K, r, machine, dense=True) * 3    # dense code runs ~3x its bound
     ref_fn = reference(method)
     ref = None
     if ref_pred < BUDGET_S and gb(dense_ref) < MEM_GB:
