@@ -136,13 +136,6 @@ def stacked_factors(A: Tensor, B: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     return U, V
 
 
-def ideal_update(A: Tensor, B: Tensor, w) -> Tensor:
-    """dW = sum_k p_k B_k A_k (Eq. 6), formed densely: (..., d_out, d_in)."""
-    w = _check(A, B, w, "layer")
-    U, V = stacked_factors(A, B, w)
-    return U @ V
-
-
 # ----------------------------------------------------------------------------- the methods
 
 def fedit(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
