@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py in several processes (torchrun, or plain env:// processes).
 
     dist_worker.py OUT all-methods   run 2 rounds of every method, one --out per method
+    dist_worker.py OUT resume        lorafair: 1 round, then --resume to 2 rounds
     dist_worker.py OUT die           rank 1 dies during round 2 (no agent to kill rank 0 for it)
 """
 import os
@@ -18,6 +19,12 @@ out, mode = sys.argv[1], sys.argv[2]
 if mode == "all-methods":
     dist.init_process_group("gloo")          # once, shared by the runs below
     codes = [main([*TINY, "--method", m, "--rounds", "2", "--out", os.path.join(out, m)]) for m in AGGREGATORS]
+    dist.destroy_process_group()
+    sys.exit(max(codes))
+if mode == "resume":
+    dist.init_process_group("gloo")
+    args = [*TINY, "--method", "lorafair", "--out", out]
+    codes = [main([*args, "--rounds", "1"]), main([*args, "--rounds", "2", "--resume"])]
     dist.destroy_process_group()
     sys.exit(max(codes))
 if mode == "die":

@@ -39,6 +39,19 @@ def test_two_processes_equal_one_for_every_method(tmp_path):
         assert (tmp_path / "two" / m / "metrics.jsonl").read_text().count("\n") == 2
 
 
+def test_distributed_resume_equals_unbroken_single_process_run(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", WORKER, str(tmp_path / "two"), "resume"]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming" in res.stderr and res.stderr.count("lorafair on shapes") == 2   # rank 0 logs, once a run
+    torch.set_num_threads(1)
+    assert main([*TINY, "--method", "lorafair", "--rounds", "2", "--out", str(tmp_path / "one")]) == 0
+    one, two = load_file(tmp_path / "one" / "final.safetensors"), load_file(tmp_path / "two" / "final.safetensors")
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_a_dead_rank_ends_the_run_with_an_error(tmp_path):
     port = free_port()
     procs = []
