@@ -422,6 +422,39 @@ def diagnostics(update: Update, A: Tensor, B: Tensor, w, *, eps: float = 1e-12) 
 
 # ----------------------------------------------------------------------------- state dicts
 
+def _merged_path(options: Mapping) -> bool:
+    """LoRA-FAIR's default solver (flat cosine, residual on B, from zero) needs per layer only
+    C (d_out, r), G (r, r) and ||dW||, none of which depends on d_in."""
+    return (options.get("similarity", "flat") == "flat" and options.get("correct", "B") == "B"
+            and options.get("init", "zeros") == "zeros")
+
+
+def _lorafair_merged(stacks: list, options: Mapping) -> list[Update]:
+    """lorafair over several shape groups with one SGD loop per (d_out, r) instead of one per group:
+    the same steps per layer (layers are independent terms of the summed loss), fewer launches."""
+    steps, lr, lam, eps = (options.get(k, d) for k, d in (("steps", 1000), ("lr", 0.01), ("lam", 0.01),
+                                                           ("eps", 1e-8)))
+    for group, A, B, wg in stacks:      # validate exactly as lorafair does, on a zero-step call
+        lorafair(A[:1], B[:1], wg, layer=group, **{**options, "steps": 0})
+        _check(A, B, wg, group)
+    terms, bins = [], {}
+    for i, (group, A, B, wg) in enumerate(stacks):
+        A_bar, B_bar = weighted_mean(A, wg), weighted_mean(B, wg)
+        U, V = stacked_factors(A, B, wg)
+        (d_out, Kr), d_in = U.shape[-2:], V.shape[-1]
+        if Kr * (d_out + d_in) > d_out * d_in:
+            U, V = U @ V, None
+        terms.append((A_bar, B_bar, *_flat_terms(U, V, A_bar, eps)))
+        bins.setdefault((tuple(B_bar.shape[1:]), B_bar.dtype, B_bar.device), []).append(i)
+    dB = [None] * len(stacks)
+    for members in bins.values():
+        B_bar, C, G, nX = (torch.cat([terms[i][j] for i in members]) for j in (1, 2, 3, 4))
+        out = _sgd_flat_B(B_bar, torch.zeros_like(B_bar), C, G, nX, steps, lr, lam, eps)
+        for i, part in zip(members, out.split([len(stacks[i][0]) for i in members])):
+            dB[i] = part
+    return [Update(t[0], t[1] + d, None) for t, d in zip(terms, dB)]
+
+
 class StateUpdate(NamedTuple):
     state: dict[str, Tensor]    # new global adapter keys (where the method returns them) and the rest, FedAvg'd
     delta_w: dict[str, Tensor]  # layer prefix -> delta_w to fold into that layer's base weight
@@ -464,12 +497,18 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
                                  f"client 0's are {tuple(A0.shape)}, {tuple(B0.shape)}")
         groups.setdefault((tuple(A0.shape), tuple(B0.shape), A0.dtype, A0.device), []).append(p)
 
-    out = StateUpdate({}, {}, {}, {})
+    stacks = []
     for group in groups.values():
         A = torch.stack([torch.stack([s[p + ".lora_A.weight"] for s in states]) for p in group])  # (L, K, r, d_in)
         B = torch.stack([torch.stack([s[p + ".lora_B.weight"] for s in states]) for p in group])  # (L, K, d_out, r)
-        wg = w.to(device=A.device, dtype=A.dtype)
-        upd = fn(A, B, wg, layer=group, **options)
+        stacks.append((group, A, B, w.to(device=A.device, dtype=A.dtype)))
+    if method == "lorafair" and _merged_path(options):
+        updates = _lorafair_merged(stacks, options)
+    else:
+        updates = [fn(A, B, wg, layer=group, **options) for group, A, B, wg in stacks]
+
+    out = StateUpdate({}, {}, {}, {})
+    for (group, A, B, wg), upd in zip(stacks, updates):
         cos, rel = diagnostics(upd, A, B, wg)
         for i, p in enumerate(group):
             if upd.A is not None:

@@ -5,7 +5,8 @@
 - throughput: forward + backward + SGD step of a timm ViT with LoRA (attn.proj, mlp.fc2, r = 16)
   against the same model with only the head trainable, same batch (images/s);
 - round overhead: a federated round's wall time against the sum of its clients' pure training
-  time (the same optimiser steps on the same batches, already in memory); target <= 5%;
+  time (the same optimiser steps on the same batches, already in memory), best of 6 each;
+  target <= 5%;
 - memory: peak RSS (VmHWM, reset after the first round so that data generation does not mask
   it) over two rounds with 30 clients against 6 (same data, same model; per-client state is
   adapter-sized); target within 10%.
@@ -71,6 +72,9 @@ def test_training_throughput(benchmark, record, ratio, device, bf16, lora):
               name.replace("head only", "LoRA") + " (s per step)", name + " (s per step)")
 
 
+REPEAT = 6
+
+
 @pytest.mark.parametrize("method", ["fedit", "lorafair"])
 def test_round_overhead(record, method):
     """Round wall time vs the sum of the clients' pure training time (same steps, batches in memory)."""
@@ -81,25 +85,31 @@ def test_round_overhead(record, method):
     cfg = FedConfig(method=method, lr=0.05, batch_size=32, local_steps=10, progress=False)
     fed = Federation(model, doms, clients, cfg, torch.device("cpu"))
     fed.run_round()                                                      # warm-up
-    tic = time.perf_counter()
-    fed.run_round()
-    wall = time.perf_counter() - tic
+    walls = []
+    for _ in range(REPEAT):
+        tic = time.perf_counter()
+        fed.run_round()
+        walls.append(time.perf_counter() - tic)
 
     params = [p for p in model.parameters() if p.requires_grad]
-    pure = 0.0
-    for c in clients:
-        xs = torch.stack([doms[c.domain].train[i][0] for i in c.indices[:320]]).split(32)
-        ys = torch.tensor([doms[c.domain].train[i][1] for i in c.indices[:320]]).split(32)
-        opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-5)
-        model.train()
-        tic = time.perf_counter()
-        for x, y in zip(xs[:10], ys[:10]):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            opt.step()
-        pure += time.perf_counter() - tic
+    batches = [(torch.stack([doms[c.domain].train[i][0] for i in c.indices[:320]]).split(32),
+                torch.tensor([doms[c.domain].train[i][1] for i in c.indices[:320]]).split(32)) for c in clients]
+    pures = []
+    for _ in range(REPEAT):
+        pure = 0.0
+        for xs, ys in batches:
+            opt = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=1e-5)
+            model.train()
+            tic = time.perf_counter()
+            for x, y in zip(xs[:10], ys[:10]):
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 10.0)
+                opt.step()
+            pure += time.perf_counter() - tic
+        pures.append(pure)
+    wall, pure = min(walls), min(pures)                                  # best of REPEAT, both sides
     overhead = wall / pure - 1
     print(f"\n{method}: round {wall:.3f} s, clients' pure training {pure:.3f} s, overhead {100 * overhead:.1f}%")
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
