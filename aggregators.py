@@ -311,6 +311,33 @@ def _xavier(like: Tensor, seed: int) -> Tensor:
     return (noise * math.sqrt(6.0 / sum(like.shape[-2:]))).to(like)
 
 
+def _check_fair_options(steps: int, lr: float, lam: float, init: str, correct: str) -> None:
+    if not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"lorafair steps must be an integer >= 0, got {steps!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lorafair lr must be a finite number > 0, got {lr!r}")
+    if not (lam >= 0 and math.isfinite(lam)):
+        raise ValueError(f"lorafair lam must be a finite number >= 0, got {lam!r}")
+    if lr * lam >= 1:
+        raise ValueError(f"lorafair: lr * lam = {lr * lam:g} >= 1 makes SGD on the term lam ||dB||^2 "
+                         "diverge (each step multiplies dB by 1 - 2 lr lam); lower lr or lam")
+    if init not in ("zeros", "xavier"):
+        raise ValueError(f"lorafair init must be 'zeros' or 'xavier', got {init!r}")
+    if correct not in ("B", "A", "both"):
+        raise ValueError(f"lorafair correct must be 'B', 'A' or 'both', got {correct!r}")
+
+
+def _fair_inputs(A: Tensor, B: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """A_bar, B_bar and dW as U V (or dW itself with V None, when that is the smaller form)."""
+    A, B = A.detach(), B.detach()
+    A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)  # A_bar: (..., r, d_in)  B_bar: (..., d_out, r)
+    U, V = stacked_factors(A, B, w)                          # U: (..., d_out, K r)  V: (..., K r, d_in)
+    (d_out, Kr), d_in = U.shape[-2:], V.shape[-1]
+    if Kr * (d_out + d_in) > d_out * d_in:                   # many clients: the dense dW is the smaller form
+        U, V = U @ V, None
+    return A_bar, B_bar, U, V
+
+
 def lorafair(A: Tensor, B: Tensor, w, *, layer: Names = "layer", steps: int = 1000, lr: float = 0.01,
              lam: float = 0.01, init: str = "zeros", similarity: str = "flat", correct: str = "B",
              eps: float = 1e-8, seed: int = 0) -> Update:
@@ -334,26 +361,8 @@ def lorafair(A: Tensor, B: Tensor, w, *, layer: Names = "layer", steps: int = 10
     per-column cosines.
     """
     w = _check(A, B, w, layer)
-    if not (isinstance(steps, int) and steps >= 0):
-        raise ValueError(f"lorafair steps must be an integer >= 0, got {steps!r}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lorafair lr must be a finite number > 0, got {lr!r}")
-    if not (lam >= 0 and math.isfinite(lam)):
-        raise ValueError(f"lorafair lam must be a finite number >= 0, got {lam!r}")
-    if lr * lam >= 1:
-        raise ValueError(f"lorafair: lr * lam = {lr * lam:g} >= 1 makes SGD on the term lam ||dB||^2 "
-                         "diverge (each step multiplies dB by 1 - 2 lr lam); lower lr or lam")
-    if init not in ("zeros", "xavier"):
-        raise ValueError(f"lorafair init must be 'zeros' or 'xavier', got {init!r}")
-    if correct not in ("B", "A", "both"):
-        raise ValueError(f"lorafair correct must be 'B', 'A' or 'both', got {correct!r}")
-
-    A, B = A.detach(), B.detach()
-    A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)  # A_bar: (..., r, d_in)  B_bar: (..., d_out, r)
-    U, V = stacked_factors(A, B, w)                          # U: (..., d_out, K r)  V: (..., K r, d_in)
-    (d_out, Kr), d_in = U.shape[-2:], V.shape[-1]
-    if Kr * (d_out + d_in) > d_out * d_in:                   # many clients: the dense dW is the smaller form
-        U, V = U @ V, None
+    _check_fair_options(steps, lr, lam, init, correct)
+    A_bar, B_bar, U, V = _fair_inputs(A, B, w)
     start = (lambda X, s: torch.zeros_like(X)) if init == "zeros" else _xavier
     dB = start(B_bar, seed) if correct != "A" else None      # (..., d_out, r)
     dA = start(A_bar, seed + 1) if correct != "B" else None  # (..., r, d_in)
@@ -432,18 +441,16 @@ def _merged_path(options: Mapping) -> bool:
 def _lorafair_merged(stacks: list, options: Mapping) -> list[Update]:
     """lorafair over several shape groups with one SGD loop per (d_out, r) instead of one per group:
     the same steps per layer (layers are independent terms of the summed loss), fewer launches."""
+    unknown = set(options) - {"steps", "lr", "lam", "init", "similarity", "correct", "eps", "seed"}
+    if unknown:
+        raise TypeError(f"lorafair got unexpected options {sorted(unknown)}")
     steps, lr, lam, eps = (options.get(k, d) for k, d in (("steps", 1000), ("lr", 0.01), ("lam", 0.01),
                                                            ("eps", 1e-8)))
-    for group, A, B, wg in stacks:      # validate exactly as lorafair does, on a zero-step call
-        lorafair(A[:1], B[:1], wg, layer=group, **{**options, "steps": 0})
-        _check(A, B, wg, group)
+    _check_fair_options(steps, lr, lam, "zeros", "B")
     terms, bins = [], {}
     for i, (group, A, B, wg) in enumerate(stacks):
-        A_bar, B_bar = weighted_mean(A, wg), weighted_mean(B, wg)
-        U, V = stacked_factors(A, B, wg)
-        (d_out, Kr), d_in = U.shape[-2:], V.shape[-1]
-        if Kr * (d_out + d_in) > d_out * d_in:
-            U, V = U @ V, None
+        _check(A, B, wg, group)
+        A_bar, B_bar, U, V = _fair_inputs(A, B, wg)
         terms.append((A_bar, B_bar, *_flat_terms(U, V, A_bar, eps)))
         bins.setdefault((tuple(B_bar.shape[1:]), B_bar.dtype, B_bar.device), []).append(i)
     dB = [None] * len(stacks)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from aggregators import aggregate_states, weighted_mean
 from data import DomainData
-from lora import fold_into_base, lora_layers, reset_lora, trainable_state
+from lora import fold_into_base, load_lora_state, lora_layers, reset_lora, trainable_state
 
 
 @dataclass
@@ -69,13 +69,6 @@ def _seed(*parts: int) -> int:
     return hash(tuple(parts)) & (2**63 - 1)
 
 
-@torch.no_grad()
-def load_trainable(model: nn.Module, state: dict[str, Tensor]) -> None:
-    params = dict(model.named_parameters())
-    for k, v in state.items():
-        params[k].copy_(v)
-
-
 class Federation:
     """The server and its clients around one model (backbone frozen, LoRA injected, head new)."""
 
@@ -84,8 +77,9 @@ class Federation:
         self.model, self.domains, self.clients, self.cfg, self.device = model, domains, clients, cfg, device
         self.rank, self.world = rank, world              # torch.distributed: this process trains chosen[rank::world]
         self.round = 0                                   # rounds completed
-        self.a_keys = [k for k in trainable_state(model) if k.endswith("lora_A.weight")]
-        self.b_keys = [k for k in trainable_state(model) if k.endswith("lora_B.weight")]
+        keys = list(trainable_state(model))
+        self.a_keys = [k for k in keys if k.endswith("lora_A.weight")]
+        self.b_keys = [k for k in keys if k.endswith("lora_B.weight")]
         self.skipped_images = 0
 
     # ------------------------------------------------------------------ client side
@@ -103,9 +97,9 @@ class Federation:
     def start_client(self, client: Client, glob: dict[str, Tensor]) -> None:
         """Every method starts from the global adapter and head; FedSA swaps in the client's own B,
         client_init='local' the client's whole last adapter."""
-        load_trainable(self.model, glob)
+        load_lora_state(self.model, glob)
         if client.state:
-            load_trainable(self.model, client.state)
+            load_lora_state(self.model, client.state)
 
     def train_set(self, client: Client):
         if client.domain < 0:
@@ -217,7 +211,7 @@ class Federation:
             dist.broadcast(flat, src=0)
             new = dict(zip(glob, (x.view_as(glob[key]) for key, x in
                                   zip(glob, flat.split([v.numel() for v in glob.values()])))))
-        load_trainable(self.model, new)
+        load_lora_state(self.model, new)
         if agg.delta_w:
             fold_into_base(self.model, agg.delta_w)
         if cfg.method == "flora":   # fresh LoRA for next round, the same on every client
@@ -285,9 +279,9 @@ class Federation:
             if own:
                 scores = []
                 for c in own:
-                    load_trainable(self.model, c.state)
+                    load_lora_state(self.model, c.state)
                     scores.append(self.accuracy(dom.test))
-                load_trainable(self.model, glob)
+                load_lora_state(self.model, glob)
                 acc[dom.name] = sum(scores) / len(scores)
             else:
                 acc[dom.name] = self.accuracy(dom.test)
@@ -300,16 +294,19 @@ class Federation:
         """Everything a resumed run needs: global trainables, base weights changed by folding,
         and each client's own adapters."""
         out = {f"global/{k}": v for k, v in trainable_state(self.model).items()}
-        if self.cfg.method in ("flora", "fedex"):
+        if self.cfg.method in ("flora", "fedex") or self.cfg.client_init == "fresh":
+            seen = set()
             for prefix, (_, base, _) in lora_layers(self.model).items():
-                out[f"base/{prefix}"] = base.weight.detach()   # shared by q and v: stored twice, loaded twice
+                if id(base) not in seen:                       # q and v share one qkv weight
+                    seen.add(id(base))
+                    out[f"base/{prefix}"] = base.weight.detach()
         for i, c in enumerate(self.clients):
             out.update({f"client{i}/{k}": v for k, v in c.state.items()})
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     @torch.no_grad()
     def load_state_tensors(self, tensors: dict[str, Tensor], rounds_done: int) -> None:
-        load_trainable(self.model, {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")})
+        load_lora_state(self.model, {k[len("global/"):]: v for k, v in tensors.items() if k.startswith("global/")})
         layers = lora_layers(self.model)
         for k, v in tensors.items():
             if k.startswith("base/"):

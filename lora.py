@@ -187,7 +187,8 @@ def lora_state(model: nn.Module) -> dict[str, Tensor]:
 
 @torch.no_grad()
 def load_lora_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
-    """Copy an adapter state into the model; every key must exist with the same shape."""
+    """Copy named tensors (adapters, and the head or any other parameter) into the model; every key
+    must name a parameter of the same shape, else nothing is copied."""
     params = dict(model.named_parameters())
     for k, v in state.items():
         if k not in params:

@@ -28,11 +28,13 @@ def test_one_round_of_every_method(tmp_path, method):
     assert any(k.endswith("lora_A.weight") for k in final) and "global/head.weight" in final
 
 
-@pytest.mark.parametrize("method", ["lorafair", "fedsa", "flora"])
+@pytest.mark.parametrize("method", ["lorafair", "fedsa", "flora", "fedit --client-init fresh",
+                                    "fedit --client-init local"])
 def test_resume_equals_unbroken_run(tmp_path, method):
-    assert train(tmp_path, "--method", method, "--rounds", "3", name="full") == 0
-    assert train(tmp_path, "--method", method, "--rounds", "1", name="split") == 0
-    assert train(tmp_path, "--method", method, "--rounds", "3", "--resume", name="split") == 0
+    m = ["--method", *method.split()]
+    assert train(tmp_path, *m, "--rounds", "3", name="full") == 0
+    assert train(tmp_path, *m, "--rounds", "2", name="split") == 0
+    assert train(tmp_path, *m, "--rounds", "3", "--resume", name="split") == 0
     a = load_file(tmp_path / "full" / "checkpoint.safetensors")
     b = load_file(tmp_path / "split" / "checkpoint.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
