@@ -1,8 +1,10 @@
 """Datasets and client partitions: DomainNet, NICO++, and an embedded offline dataset.
 
 A dataset here is, per domain, a train and a test list of (image, label). DomainNet and NICO++ are
-read from their official split files `<root>/<domain>_{train,test}.txt` ("relative/path label"
-per line; NICO++ class names contain spaces, so the label is split off the right). The embedded
+read as they are downloaded: their official split files ("relative/path label" per line, one file
+per domain and split) or, for NICO++'s challenge download which has none, a seeded split made here
+(`list_domainnet`, `list_nicopp`). Every listed image is checked to exist before training
+(`check_images`); an image that cannot be decoded later is left out and counted. The embedded
 dataset ("shapes") is drawn procedurally: every class is a fixed glyph of strokes, every domain a
 rendering style, so the six domains share one label space the way DomainNet's do.
 
@@ -11,16 +13,25 @@ Partitions (paper, Setup): feature non-IID, one client per domain; feature + lab
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
 DOMAINNET_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
-NICOPP_DOMAINS = ("autumn", "dim", "grass", "outdoor", "rock", "water")
+NICOPP_DOMAINS = ("autumn", "dim", "grass", "outdoor", "rock", "water")     # the DG track's common contexts
+DATASETS = {   # name: (domains, number of classes, where to download it)
+    "domainnet": (DOMAINNET_DOMAINS, 345, "http://ai.bu.edu/M3SDA/"),
+    "nicopp": (NICOPP_DOMAINS, 60, "https://nicochallenge.com/dataset"),
+}
+NICOPP_MAPPING = "dg_label_id_mapping.json"   # class name -> label, shipped with the NICO++ challenge data
+NICOPP_TEST_FRACTION = 0.2                    # held out per (context, class) when no split files exist
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 SHAPES_DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -39,31 +50,267 @@ class DomainData:
 
 # ----------------------------------------------------------------------------- image folders
 
-def read_split(root: str, domain: str, split: str, num_classes: int) -> list[tuple[str, int]]:
-    """Parse `<root>/<domain>_<split>.txt`: lines 'relative/path label', labels < num_classes kept."""
-    path = os.path.join(root, f"{domain}_{split}.txt")
-    if not os.path.isfile(path):
-        raise DataError(f"missing split file {path}: expected <root>/<domain>_train.txt and "
-                        f"<root>/<domain>_test.txt with 'relative/path label' lines next to <root>/<domain>/")
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            line = line.strip()
+def read_split(path: str, domain: str, dataset: str, num_classes: int,
+               classes: dict[str, tuple[int, str]]) -> tuple[list[tuple[str, int]], int]:
+    """Parse one split file: lines 'relative/path label' (DomainNet: `clipart/aircraft_carrier/
+    clipart_001_000018.jpg 0`; NICO++: `NICO_DG/autumn/hot air balloon/x.jpg 29`). Returns the
+    lines with label < num_classes, paths cut to start at the domain folder, and the number of lines.
+
+    A byte-order mark, CRLF endings, tabs and spaces inside paths are read as meant. A label outside
+    the dataset's classes, or a class folder given two labels (`classes`, shared across files: folder
+    -> (label, where)), is an error naming the file and line.
+    """
+    total = DATASETS[dataset][1]
+    items, lines = [], 0
+    with open(path, encoding="utf-8-sig") as f:            # utf-8-sig drops a BOM; text mode folds CRLF
+        for n, raw in enumerate(f, start=1):
+            line = raw.strip()
             if not line:
                 continue
-            rel, _, label = line.rpartition(" ")
-            if not rel or not label.lstrip("-").isdigit():
+            parts = line.rsplit(None, 1)                    # the label is the last field; paths hold spaces
+            if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
                 raise DataError(f"{path}:{n}: expected 'relative/path label', got {line!r}")
-            if int(label) < num_classes:
-                items.append((rel, int(label)))
-    return items
+            label, folders = int(parts[1]), parts[0].replace("\\", "/").split("/")
+            if not 0 <= label < total:
+                raise DataError(f"{path}:{n}: label {label} is outside 0..{total - 1} ({dataset} has {total} "
+                                "classes); is this the right split file?")
+            if domain not in folders[:-1]:
+                raise DataError(f"{path}:{n}: path {parts[0]!r} has no '{domain}/' folder; "
+                                f"{os.path.basename(path)} must list images of domain {domain}")
+            rel = folders[folders.index(domain):]           # NICO++'s 'NICO_DG/' prefix goes
+            if len(rel) > 2:
+                seen = classes.setdefault(rel[1], (label, f"{path}:{n}"))
+                if seen[0] != label:
+                    raise DataError(f"{path}:{n}: class folder {rel[1]!r} has label {label} here but {seen[0]} "
+                                    f"at {seen[1]}; the split files come from different releases")
+            lines += 1
+            if label < num_classes:
+                items.append(("/".join(rel), label))
+    return items, lines
+
+
+@dataclass
+class Listing:
+    """An image dataset as its split files describe it, before any image is opened."""
+    dataset: str
+    image_root: str               # the directory holding <domain>/<class>/<file>
+    split_dir: Optional[str]      # where the split files were read; None: the split was made here
+    items: dict[str, dict[str, list[tuple[str, int]]]]   # domain -> 'train'/'test' -> [(path under image_root, label)]
+    lines: int                    # lines (or, for a made split, images) before the --num-classes filter
+    num_classes: int
+
+    @property
+    def kept(self) -> int:
+        return sum(len(v) for splits in self.items.values() for v in splits.values())
+
+    def summary(self) -> str:
+        total = DATASETS[self.dataset][1]
+        where = f"split files in {self.split_dir}" if self.split_dir else "a split made here (no split files found)"
+        s = f"{self.dataset}: images under {self.image_root}, {where}; kept {self.kept} of {self.lines} lines"
+        if self.kept < self.lines:
+            s += f" (classes 0..{self.num_classes - 1} of {total}; --num-classes {total} keeps all)"
+        return s
+
+
+def _domains(dataset: str, domains: Optional[list[str]]) -> list[str]:
+    known = DATASETS[dataset][0]
+    for d in domains or ():
+        if d not in known:
+            raise DataError(f"unknown {dataset} domain {d!r}; choose from {', '.join(known)}")
+    return list(domains or known)
+
+
+def _nearby(root: str, rel: str) -> Optional[str]:
+    """The directory one level above or below `root` that holds `rel`: the root the user meant."""
+    parent = os.path.dirname(os.path.abspath(root))
+    if os.path.exists(os.path.join(parent, rel)):
+        return parent
+    try:
+        subdirs = sorted(e.path for e in os.scandir(root) if e.is_dir())[:200]
+    except OSError:
+        return None
+    return next((d for d in subdirs if os.path.exists(os.path.join(d, rel))), None)
+
+
+def _level_hint(root: str, rel: str) -> str:
+    found = _nearby(root, rel)
+    if not found:
+        return ""
+    side = "low" if os.path.abspath(found) == os.path.dirname(os.path.abspath(root)) else "high"
+    return f"; --data-root is one level too {side}: pass --data-root {found}"
+
+
+def _read_splits(dataset: str, num_classes: int, split_dir: str, domains: list[str]) -> tuple[dict, int]:
+    items, lines, classes = {}, 0, {}
+    for d in domains:
+        items[d] = {}
+        for split in ("train", "test"):
+            path = os.path.join(split_dir, f"{d}_{split}.txt")
+            if not os.path.isfile(path):
+                raise DataError(f"missing split file {path}: {split_dir} holds split files for some domains only")
+            items[d][split], n = read_split(path, d, dataset, num_classes, classes)
+            lines += n
+    return items, lines
+
+
+def list_domainnet(root: str, domains: Optional[list[str]], num_classes: int,
+                   splits: Optional[str] = None) -> Listing:
+    """DomainNet as downloaded from http://ai.bu.edu/M3SDA/: `<root>/<domain>/<class>/<file>` (each
+    domain's zip extracted in <root>) and the split files `<domain>_{train,test}.txt` in <root>,
+    in <root>/splits, or in `splits`."""
+    domains = _domains("domainnet", domains)
+    if not root or not os.path.isdir(root):
+        raise DataError(f"--data-root {root!r} is not a directory; DomainNet expects <root>/<domain>/<class>/<image> "
+                        f"and the split files <root>/<domain>_train.txt, <domain>_test.txt ({DATASETS['domainnet'][2]})")
+    first = f"{domains[0]}_train.txt"
+    split_dir = splits or next((d for d in (root, os.path.join(root, "splits"))
+                                if os.path.isfile(os.path.join(d, first))), None)
+    if split_dir is None:
+        raise DataError(f"no DomainNet split file {first} in {root} or {root}/splits"
+                        + (_level_hint(root, first) or f" (download {first} and {domains[0]}_test.txt from "
+                           f"{DATASETS['domainnet'][2]} into {root})"))
+    items, lines = _read_splits("domainnet", num_classes, split_dir, domains)
+    return Listing("domainnet", root, split_dir, items, lines, num_classes)
+
+
+def _survey(root: str, depth: int) -> tuple[list[str], list[str], list[str]]:
+    """Directories under `root`, breadth first, at most `depth` levels down and never inside a
+    context folder: (those holding NICO++ split files, the label mapping, context folders)."""
+    splits, mappings, images = [], [], []
+    queue, visited = [(root, 0)], 0
+    while queue and visited < 500:
+        d, level = queue.pop(0)
+        visited += 1
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            continue
+        names = {e.name for e in entries}
+        if any(f"{c}_train.txt" in names for c in NICOPP_DOMAINS):
+            splits.append(d)
+        if NICOPP_MAPPING in names:
+            mappings.append(d)
+        subdirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+        if any(e.name in NICOPP_DOMAINS for e in subdirs):
+            images.append(d)
+        if level < depth:
+            queue += [(e.path, level + 1) for e in subdirs if e.name not in NICOPP_DOMAINS]
+    return splits, mappings, images
+
+
+def list_nicopp(root: str, domains: Optional[list[str]], num_classes: int, splits: Optional[str] = None,
+                split_seed: int = 0) -> Listing:
+    """NICO++ (its six common contexts as domains), found as it is distributed:
+
+    - the DG benchmark: `NICO_DG/<context>/<class>/<file>` and annotation files `<context>_{train,test}.txt`
+      (paths `NICO_DG/...`, labels 0..59) in their own folder beside it (`NICO_DG_official/`,
+      `DG_Benchmark/NICO_DG_Benchmark_annotation/`, ...), anywhere up to three levels under --data-root;
+    - the challenge download: `<context>/<class>/*.jpg` (e.g. under `public_dg_0416/train/`) and
+      `dg_label_id_mapping.json` (class -> label), no split files: then each (context, class) is split
+      train/test (NICOPP_TEST_FRACTION) by `split_seed`, the same split for every run seed.
+    """
+    domains = _domains("nicopp", domains)
+    where = DATASETS["nicopp"][2]
+    if not root or not os.path.isdir(root):
+        raise DataError(f"--data-root {root!r} is not a directory; point it at the folder you extracted NICO++ into "
+                        f"(the one holding NICO_DG/ and its annotation folder, or dg_label_id_mapping.json) ({where})")
+    found_splits, mappings, images = _survey(root, 3)
+    if os.path.abspath(root) in map(os.path.abspath, images) and not (found_splits or mappings):
+        found_splits, mappings, _ = _survey(os.path.dirname(os.path.abspath(root)), 2)   # root is NICO_DG itself
+    if not images:
+        raise DataError(f"no NICO++ images under {root}: expected context folders ({', '.join(NICOPP_DOMAINS)}) "
+                        f"holding <class>/<image>, e.g. NICO_DG/autumn/airplane/ ({where})")
+    split_dir = splits or (found_splits[0] if found_splits else None)
+    if split_dir:
+        items, lines = _read_splits("nicopp", num_classes, split_dir, domains)
+        first = items[domains[0]]["train"][:1] or items[domains[0]]["test"][:1]
+        image_root = next((d for d in images if first and os.path.exists(os.path.join(d, first[0][0]))), images[0])
+        return Listing("nicopp", image_root, split_dir, items, lines, num_classes)
+    if not mappings:
+        raise DataError(f"no NICO++ split files (<context>_train.txt) and no {NICOPP_MAPPING} under {root}; the DG "
+                        f"benchmark ships annotation files beside NICO_DG/, the challenge download ships {NICOPP_MAPPING} "
+                        f"({where})")
+    return _make_nicopp_split(os.path.join(mappings[0], NICOPP_MAPPING), images[0], domains, num_classes, split_seed)
+
+
+def _make_nicopp_split(mapping_path: str, image_root: str, domains: list[str], num_classes: int,
+                       seed: int) -> Listing:
+    """Class-stratified train/test split of every context: the same files and seed, the same split."""
+    with open(mapping_path, encoding="utf-8-sig") as f:
+        mapping = json.load(f)
+    total = DATASETS["nicopp"][1]
+    if not isinstance(mapping, dict) or not all(isinstance(v, int) and 0 <= v < total for v in mapping.values()):
+        raise DataError(f"{mapping_path}: expected {{\"class name\": label}} with labels 0..{total - 1}")
+    items, lines = {}, 0
+    for d in domains:
+        items[d] = {"train": [], "test": []}
+        folder = os.path.join(image_root, d)
+        if not os.path.isdir(folder):
+            raise DataError(f"context folder {folder} is missing: the NICO++ download was not fully extracted")
+        for cls in sorted(os.listdir(folder)):
+            if cls not in mapping:
+                raise DataError(f"{folder}/{cls}: class folder not in {mapping_path}")
+            files = sorted(x for x in os.listdir(os.path.join(folder, cls)) if x.lower().endswith(IMAGE_EXTENSIONS))
+            random.Random(f"{seed}/{d}/{cls}").shuffle(files)
+            n_test = max(1, round(NICOPP_TEST_FRACTION * len(files))) if len(files) > 1 else 0
+            lines += len(files)
+            if mapping[cls] >= num_classes:
+                continue
+            for i, x in enumerate(files):
+                items[d]["test" if i < n_test else "train"].append((f"{d}/{cls}/{x}", mapping[cls]))
+        for split in items[d].values():
+            split.sort()
+    return Listing("nicopp", image_root, None, items, lines, num_classes)
+
+
+def write_splits(listing: Listing, directory: str) -> None:
+    """The listing as split files `<domain>_{train,test}.txt` (paths under its image root), e.g. to
+    reuse a split made here with --splits."""
+    os.makedirs(directory, exist_ok=True)
+    for d, splits in listing.items.items():
+        for split, items in splits.items():
+            with open(os.path.join(directory, f"{d}_{split}.txt"), "w", encoding="utf-8") as f:
+                f.writelines(f"{rel} {y}\n" for rel, y in items)
+
+
+def check_images(listing: Listing) -> None:
+    """Every listed image must exist: one directory listing per folder (no decoding). Missing
+    files stop the run here, with the likely fix, instead of turning into 0% accuracy later."""
+    root, present, missing = listing.image_root, {}, {}
+    first = None
+    for d, splits in listing.items.items():
+        for items in splits.values():
+            for rel, _ in items:
+                folder, name = os.path.split(rel)
+                if folder not in present:
+                    try:
+                        present[folder] = set(os.listdir(os.path.join(root, folder)))
+                    except OSError:
+                        present[folder] = set()
+                if name not in present[folder]:
+                    missing[d] = missing.get(d, 0) + 1
+                    first = first or rel
+    if not missing:
+        return
+    total = listing.kept
+    n = sum(missing.values())
+    hint, found = _level_hint(root, first), _nearby(root, first)
+    if found and listing.split_dir and not os.path.abspath(listing.split_dir).startswith(os.path.abspath(found)):
+        hint += f" --splits {listing.split_dir}"
+    if not hint:
+        domain = first.split("/")[0]
+        hint = (f"; {os.path.join(root, domain)} does not exist: extract {domain}'s images there"
+                if not os.path.isdir(os.path.join(root, domain)) else
+                "; the download or extraction looks incomplete (missing per domain: "
+                + ", ".join(f"{d} {k}" for d, k in missing.items()) + ")")
+    raise DataError(f"{n} of {total} listed images are missing under {root} (first: {os.path.join(root, first)}){hint}")
 
 
 class ImageList(Dataset):
-    """Images listed by (relative path, label). A file that cannot be decoded yields label -1
-    (ignored by the loss and counted by the caller) instead of crashing a round."""
+    """Images listed by (path under root, label). A file that cannot be decoded yields label -1:
+    left out of the loss and of accuracy, and counted by the caller, instead of crashing a round."""
 
-    def __init__(self, root: str, items: list[tuple[str, int]], transform):
+    def __init__(self, root: str, items: list[tuple[str, int]], transform=None):
         self.root, self.items, self.transform = root, items, transform
 
     def __len__(self):
@@ -75,7 +322,7 @@ class ImageList(Dataset):
         try:
             with Image.open(os.path.join(self.root, rel)) as im:
                 return self.transform(im.convert("RGB")), label
-        except (OSError, ValueError):
+        except (OSError, ValueError, SyntaxError):     # PIL raises SyntaxError for some broken headers
             return torch.zeros(3, *self.transform.size), -1
 
 
@@ -99,26 +346,31 @@ def make_transform(model_cfg: dict, norm: str = "model") -> _Transform:
     return _Transform(size, mean, std)
 
 
-def load_image_domains(root: str, dataset: str, domains: list[str] | None, num_classes: int,
-                       transform) -> list[DomainData]:
-    """DomainNet or NICO++ from the official layout `<root>/<domain>/...` plus split files."""
-    known = DOMAINNET_DOMAINS if dataset == "domainnet" else NICOPP_DOMAINS
-    where = ("http://ai.bu.edu/M3SDA/" if dataset == "domainnet" else "https://nicochallenge.com/dataset")
-    if not root or not os.path.isdir(root):
-        raise DataError(f"--data-root {root!r} is not a directory; {dataset} expects <root>/<domain>/<class>/<img> "
-                        f"and <root>/<domain>_train.txt, <domain>_test.txt (official data: {where})")
-    domains = list(domains or known)
-    for d in domains:
-        if d not in known:
-            raise DataError(f"unknown {dataset} domain {d!r}; choose from {', '.join(known)}")
+def image_domains(listing: Listing, transform=None) -> list[DomainData]:
+    """DomainData per listed domain (the transform may be set later, once the model is known)."""
     out = []
-    for d in domains:
-        train, test = read_split(root, d, "train", num_classes), read_split(root, d, "test", num_classes)
-        if not train or not test:
-            raise DataError(f"{dataset} domain {d}: no samples with label < {num_classes} in its split files")
-        out.append(DomainData(d, ImageList(root, train, transform), ImageList(root, test, transform),
-                              [y for _, y in train]))
+    for d, splits in listing.items.items():
+        if not splits["train"] or not splits["test"]:
+            raise DataError(f"{listing.dataset} domain {d}: no {'training' if not splits['train'] else 'test'} images "
+                            f"with label < {listing.num_classes}")
+        out.append(DomainData(d, ImageList(listing.image_root, splits["train"], transform),
+                              ImageList(listing.image_root, splits["test"], transform),
+                              [y for _, y in splits["train"]]))
     return out
+
+
+def list_images(dataset: str, root: str, domains: Optional[list[str]], num_classes: int,
+                splits: Optional[str] = None, split_seed: int = 0) -> Listing:
+    """The listing of DomainNet or NICO++, every listed image checked to exist."""
+    total = DATASETS[dataset][1]
+    if not 0 < num_classes <= total:
+        raise DataError(f"--num-classes must be in 1..{total} for {dataset}, got {num_classes}")
+    if splits and not os.path.isdir(splits):
+        raise DataError(f"--splits {splits} is not a directory (it should hold <domain>_train.txt, <domain>_test.txt)")
+    listing = (list_domainnet(root, domains, num_classes, splits) if dataset == "domainnet" else
+               list_nicopp(root, domains, num_classes, splits, split_seed))
+    check_images(listing)
+    return listing
 
 
 # ----------------------------------------------------------------------------- embedded "shapes"

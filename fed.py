@@ -14,6 +14,7 @@ clients by adapter size only. A round:
 """
 from __future__ import annotations
 
+import bisect
 import math
 import time
 import warnings
@@ -25,11 +26,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import ConcatDataset, DataLoader, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from aggregators import aggregate_states, weighted_mean
-from data import DomainData
+from data import DataError, DomainData
 from lora import fold_into_base, load_lora_state, lora_layers, reset_lora, trainable_state
 
 
@@ -64,6 +65,19 @@ class Client:
         return len(self.indices)
 
 
+class _Indexed(Dataset):
+    """(x, y, i): a sample and its index, so that an unreadable image (y = -1) is counted once."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return (*self.dataset[i], i)
+
+
 def _seed(*parts: int) -> int:
     """A stable 63-bit seed from integers (Python's hash of ints is stable; of tuples too)."""
     return hash(tuple(parts)) & (2**63 - 1)
@@ -80,7 +94,8 @@ class Federation:
         keys = list(trainable_state(model))
         self.a_keys = [k for k in keys if k.endswith("lora_A.weight")]
         self.b_keys = [k for k in keys if k.endswith("lora_B.weight")]
-        self.skipped_images = 0
+        self.unreadable_train = {d.name: set() for d in domains}   # indices into each domain's train split
+        self.unreadable_test = {d.name: 0 for d in domains}         # found by the last evaluation
 
     # ------------------------------------------------------------------ client side
 
@@ -112,7 +127,7 @@ class Federation:
         torch.manual_seed(seed)                                          # dropout
         g = torch.Generator().manual_seed(seed)                          # shuffling
         cuda = self.device.type == "cuda"
-        loader = DataLoader(Subset(self.train_set(client), client.indices), batch_size=cfg.batch_size,
+        loader = DataLoader(Subset(_Indexed(self.train_set(client)), client.indices), batch_size=cfg.batch_size,
                             shuffle=True, generator=g, num_workers=cfg.workers, pin_memory=cuda,
                             persistent_workers=False)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -123,14 +138,15 @@ class Federation:
             total = cfg.local_steps if cfg.local_epochs <= 0 else min(total, cfg.local_steps)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and cuda else nullcontext()
         loss_sum = torch.zeros((), device=self.device)
-        skipped = torch.zeros((), dtype=torch.long, device=self.device)
+        unreadable = []                                                  # sample indices with y = -1
         model.train()
         step = 0
         name = self.domains[client.domain].name if client.domain >= 0 else "all"
         bar = tqdm(total=total, desc=f"  client (domain {name})", leave=False,
                    disable=not cfg.progress)
         while step < total:
-            for x, y in loader:
+            for x, y, i in loader:
+                unreadable.append(i[y < 0])
                 x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
                 with amp:
                     logits = model(x)
@@ -141,14 +157,28 @@ class Federation:
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
                 opt.step()
                 loss_sum += loss.detach()
-                skipped += y.numel() - valid
                 step += 1
                 bar.update()
                 if step >= total:
                     break
         bar.close()
-        self.skipped_images += int(skipped)
+        self._note_unreadable(client, torch.cat(unreadable).tolist() if unreadable else [])
         return (loss_sum / max(step, 1)).item()
+
+    def _note_unreadable(self, client: Client, indices: list[int]) -> None:
+        if client.domain >= 0:
+            self.unreadable_train[self.domains[client.domain].name].update(indices)
+            return
+        sizes = ConcatDataset([d.train for d in self.domains]).cumulative_sizes   # the centralised client
+        for i in indices:
+            d = bisect.bisect_right(sizes, i)
+            self.unreadable_train[self.domains[d].name].add(i - (sizes[d - 1] if d else 0))
+
+    def unreadable(self) -> dict[str, dict[str, int]]:
+        """Images that exist but could not be decoded, per domain: distinct training images met so
+        far and test images in the last evaluation. All are left out of the loss and of accuracy."""
+        return {d: {"train": len(self.unreadable_train[d]), "test": self.unreadable_test[d]}
+                for d in self.unreadable_train if self.unreadable_train[d] or self.unreadable_test[d]}
 
     # ------------------------------------------------------------------ server side
 
@@ -174,6 +204,11 @@ class Federation:
             results.append((k, trainable_state(self.model), loss))
         if self.world > 1:
             results = self.exchange(results, len(chosen), glob)
+            found = [None] * self.world                      # unreadable images met on every process
+            dist.all_gather_object(found, self.unreadable_train)
+            for other in found:
+                for d, s in other.items():
+                    self.unreadable_train[d].update(s)
         uploads, sizes, losses, dropped = [], [], [], []
         for k, up, loss in sorted(results, key=lambda x: x[0]):
             if not math.isfinite(loss) or not all(v.isfinite().all() for v in up.values()):
@@ -252,25 +287,30 @@ class Federation:
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def accuracy(self, dataset) -> float:
+    def accuracy(self, dataset) -> tuple[float, int]:
+        """Top-1 over the readable images of `dataset`, and the number of unreadable ones."""
         cuda = self.device.type == "cuda"
         loader = DataLoader(dataset, batch_size=max(self.cfg.batch_size, 256), num_workers=self.cfg.workers,
                             pin_memory=cuda)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.cfg.amp and cuda else nullcontext()
         correct = torch.zeros((), dtype=torch.long, device=self.device)
-        n = 0
+        n = bad = 0
         self.model.eval()
         for x, y in loader:
+            bad += int((y < 0).sum())                    # y is still on the CPU: no device sync
+            n += len(y)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with amp:
-                correct += (self.model(x).argmax(-1) == y).sum()
-            n += len(y)
-        return int(correct) / max(n, 1)
+                correct += (self.model(x).argmax(-1) == y).sum()   # y = -1 never matches
+        if n and bad == n:
+            raise DataError(f"every one of the {n} test images could not be decoded; check the image files")
+        return int(correct) / max(n - bad, 1), bad
 
     def evaluate(self) -> dict[str, float]:
         """Top-1 of the global model on each domain's test split, and their mean (the paper's metric).
 
         FedSA-LoRA is personalised: a domain is scored with each of its clients' own B, averaged.
+        Unreadable test images are left out (not scored as wrong) and counted in `unreadable_test`.
         """
         acc = {}
         glob = trainable_state(self.model)
@@ -280,11 +320,12 @@ class Federation:
                 scores = []
                 for c in own:
                     load_lora_state(self.model, c.state)
-                    scores.append(self.accuracy(dom.test))
+                    a, self.unreadable_test[dom.name] = self.accuracy(dom.test)
+                    scores.append(a)
                 load_lora_state(self.model, glob)
                 acc[dom.name] = sum(scores) / len(scores)
             else:
-                acc[dom.name] = self.accuracy(dom.test)
+                acc[dom.name], self.unreadable_test[dom.name] = self.accuracy(dom.test)
         acc["mean"] = sum(acc.values()) / len(self.domains)
         return acc
 
@@ -302,6 +343,9 @@ class Federation:
                     out[f"base/{prefix}"] = base.weight.detach()
         for i, c in enumerate(self.clients):
             out.update({f"client{i}/{k}": v for k, v in c.state.items()})
+        for d, s in self.unreadable_train.items():
+            if s:
+                out[f"unreadable/{d}"] = torch.tensor(sorted(s), dtype=torch.long)
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     @torch.no_grad()
@@ -314,4 +358,6 @@ class Federation:
         for i, c in enumerate(self.clients):
             p = f"client{i}/"
             c.state = {k[len(p):]: v.to(self.device) for k, v in tensors.items() if k.startswith(p)}
+        for d in self.unreadable_train:
+            self.unreadable_train[d] = set(tensors[f"unreadable/{d}"].tolist()) if f"unreadable/{d}" in tensors else set()
         self.round = rounds_done

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from aggregators import AGGREGATORS
-from tests.test_data import fake_tree
+from tests import layouts
 from train import main, pretrained_shapes_backbone, shapes_vit
 
 TINY = ["--no-pretrained", "--domains", "clipart,sketch", "--n-train", "24", "--n-test", "10",
@@ -50,13 +50,15 @@ def test_same_seed_same_result(tmp_path):
 
 
 def test_domainnet_tree_end_to_end(tmp_path):
-    root = fake_tree(tmp_path / "dn", ["clipart", "sketch"], ["a", "b"], per_class=4, corrupt="clipart/a/0.jpg")
-    rc = main(["--dataset", "domainnet", "--data-root", str(root), "--model", "vit_shapes", "--no-pretrained", "--domains", "clipart,sketch",
-               "--num-classes", "2", "--rounds", "1", "--batch-size", "4", "--rank", "2", "--no-progress",
-               "--out", str(tmp_path / "run"), "--fair-steps", "5"])
+    root = layouts.domainnet(str(tmp_path / "dn"), per_class=4)
+    (tmp_path / "dn/clipart/aircraft_carrier/clipart_001_000001.jpg").write_bytes(b"not a jpeg")   # train
+    (tmp_path / "dn/sketch/airplane/sketch_002_000004.jpg").write_bytes(b"")                        # test
+    rc = main(["--dataset", "domainnet", "--data-root", root, "--model", "vit_shapes", "--no-pretrained",
+               "--domains", "clipart,sketch", "--num-classes", "2", "--rounds", "1", "--batch-size", "4",
+               "--rank", "2", "--no-progress", "--out", str(tmp_path / "run"), "--fair-steps", "5"])
     assert rc == 0
     (rec,) = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert rec["skipped_images"] == 1
+    assert rec["unreadable"] == {"clipart": {"train": 1, "test": 0}, "sketch": {"train": 0, "test": 1}}
 
 
 @pytest.mark.parametrize("args, message", [
