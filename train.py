@@ -482,16 +482,19 @@ def write_out(args, listing) -> None:
             json.dump(config_of(args), f, indent=1)
 
 
-def agree(world: int, rank: int, error: Exception | None) -> None:
-    """Raise on every process if any process failed (torchrun), so none waits for the others."""
-    if world > 1:
-        errors = [None] * world
-        torch.distributed.all_gather_object(errors, None if error is None else str(error))
-        first = next(((r, e) for r, e in enumerate(errors) if e is not None), None)
-        if first:
-            raise UserError(first[1] if first[0] == rank else f"rank {first[0]} refused the run: {first[1]}")
-    elif error is not None:
-        raise error
+def agree(world: int, rank: int, error: Exception | None, value=None):
+    """Raise on every process if any process failed (torchrun), so none waits for the others;
+    return rank 0's `value` (what it found in --out, which only rank 0 writes)."""
+    if world == 1:
+        if error is not None:
+            raise error
+        return value
+    found = [None] * world
+    torch.distributed.all_gather_object(found, (None if error is None else str(error), value))
+    first = next(((r, e) for r, (e, _) in enumerate(found) if e is not None), None)
+    if first:
+        raise UserError(first[1] if first[0] == rank else f"rank {first[0]} refused the run: {first[1]}")
+    return found[0][1]
 
 
 def setup_distributed(args) -> tuple[int, int, bool]:
@@ -542,9 +545,9 @@ def run(args, rank: int = 0, world: int = 1) -> int:
 
     lead = rank == 0                     # logging, progress bars, evaluation and files: rank 0 only
     args.progress = args.progress and lead
-    listing = error = None
+    listing = error = resume = None
     try:                                 # every check first (cheap), then the expensive work; nothing written
-        resume = check_out(args)
+        resume = check_out(args) if lead else None
         if args.dataset != "shapes":
             splits = args.splits
             made = os.path.join(args.out, "splits")       # a split made here by the run being resumed
@@ -560,7 +563,7 @@ def run(args, rank: int = 0, world: int = 1) -> int:
         model, model_cfg = build_model(args, weights)
     except (UserError, DataError) as e:
         error = e
-    agree(world, rank, error)
+    resume = agree(world, rank, error, resume)
     for d in domains if listing is not None else ():
         d.train.transform = d.test.transform = make_transform(model_cfg, args.norm)
     device = torch.device(args.device)
