@@ -166,13 +166,31 @@ class Federation:
         return (loss_sum / max(step, 1)).item()
 
     def _note_unreadable(self, client: Client, indices: list[int]) -> None:
+        """Record unreadable training images; `indices` index the client's train set (for the
+        centralised client, the concatenation of every domain's)."""
         if client.domain >= 0:
             self.unreadable_train[self.domains[client.domain].name].update(indices)
             return
-        sizes = ConcatDataset([d.train for d in self.domains]).cumulative_sizes   # the centralised client
+        ends = ConcatDataset([d.train for d in self.domains]).cumulative_sizes
         for i in indices:
-            d = bisect.bisect_right(sizes, i)
-            self.unreadable_train[self.domains[d].name].add(i - (sizes[d - 1] if d else 0))
+            d = bisect.bisect_right(ends, i)
+            self.unreadable_train[self.domains[d].name].add(i - (ends[d - 1] if d else 0))
+
+    def share_unreadable(self) -> None:
+        """torch.distributed: every process learns the unreadable images the others met. Plain
+        tensor all_gathers (sizes, then padded indices into the concatenated train sets)."""
+        ends = ConcatDataset([d.train for d in self.domains]).cumulative_sizes
+        mine = torch.tensor([(ends[d - 1] if d else 0) + i for d, dom in enumerate(self.domains)
+                             for i in sorted(self.unreadable_train[dom.name])], dtype=torch.long)
+        n = torch.tensor([len(mine)], device=self.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world)]
+        dist.all_gather(sizes, n)
+        rows = torch.full((max(1, max(int(s) for s in sizes)),), -1, dtype=torch.long, device=self.device)
+        rows[:len(mine)] = mine.to(self.device)
+        gathered = [torch.empty_like(rows) for _ in range(self.world)]
+        dist.all_gather(gathered, rows)
+        everyone = torch.cat(gathered)
+        self._note_unreadable(Client(-1, []), everyone[everyone >= 0].tolist())
 
     def unreadable(self) -> dict[str, dict[str, int]]:
         """Images that exist but could not be decoded, per domain: distinct training images met so
@@ -204,11 +222,7 @@ class Federation:
             results.append((k, trainable_state(self.model), loss))
         if self.world > 1:
             results = self.exchange(results, len(chosen), glob)
-            found = [None] * self.world                      # unreadable images met on every process
-            dist.all_gather_object(found, self.unreadable_train)
-            for other in found:
-                for d, s in other.items():
-                    self.unreadable_train[d].update(s)
+            self.share_unreadable()
         uploads, sizes, losses, dropped = [], [], [], []
         for k, up, loss in sorted(results, key=lambda x: x[0]):
             if not math.isfinite(loss) or not all(v.isfinite().all() for v in up.values()):

@@ -261,8 +261,10 @@ def read_checkpoint(path: str):
     except RuntimeError as e:
         if "non-allowlisted" not in str(e):
             raise UserError(f"--checkpoint {path} could not be read ({str(e).splitlines()[0]})")
-        bad = ", ".join(torch.serialization.get_unsafe_globals_in_checkpoint(path)[:2])
-        raise UserError(f"--checkpoint {path} holds pickled Python objects ({bad}), e.g. a whole saved model, "
+        names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        shown = ", ".join(([n for n in names if not n.startswith("torch.")] or names)[:2])
+        raise UserError(f"--checkpoint {path} holds pickled Python objects ({len(names)} classes such as {shown}), "
+                        "e.g. a whole saved model, "
                         "not weights; unpickling could run code, so it is not loaded. If you trust it, save its "
                         "state_dict() once and pass that file")
     except Exception as e:   # truncated, not a checkpoint at all, ...
@@ -278,24 +280,24 @@ def fit_checkpoint(model, state: dict, path: str, args) -> dict:
     resizing, foreign layouts), the classifier dropped when its shape differs (a new head is
     trained), and then every other tensor present with the model's shape."""
     import importlib
-    module = importlib.import_module(type(model).__module__)
+    module, given = importlib.import_module(type(model).__module__), state
     if hasattr(module, "checkpoint_filter_fn"):
         try:
             state = module.checkpoint_filter_fn(state, model)
         except Exception as e:
-            raise _misfit(path, args, state, f"timm could not convert it: {type(e).__name__}")
+            raise _misfit(path, args, given, f"timm could not convert it: {type(e).__name__}")
     head = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
     own = model.state_dict()
     state = {k: v for k, v in state.items()
              if not (k.startswith(head + ".") and k in own and v.shape != own[k].shape)}
     missing = [k for k in own if k not in state and not k.startswith(head + ".")]
     unexpected = [k for k in state if k not in own]
-    wrong = [k for k in state if k in own and state[k].shape != own[k].shape]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:
         k = (wrong or missing or unexpected)[0]
         detail = (f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" if wrong else
                   f"{len(missing)} tensors missing, e.g. {k}" if missing else f"{len(unexpected)} unexpected, e.g. {k}")
-        raise _misfit(path, args, state, detail)
+        raise _misfit(path, args, given, detail)
     return state
 
 
@@ -482,19 +484,22 @@ def write_out(args, listing) -> None:
             json.dump(config_of(args), f, indent=1)
 
 
-def agree(world: int, rank: int, error: Exception | None, value=None):
+def agree(world: int, rank: int, error: Exception | None, value: bool = False, device: str = "cpu") -> bool:
     """Raise on every process if any process failed (torchrun), so none waits for the others;
-    return rank 0's `value` (what it found in --out, which only rank 0 writes)."""
+    return rank 0's `value` (whether --out, which only rank 0 writes, has a checkpoint)."""
     if world == 1:
         if error is not None:
             raise error
         return value
-    found = [None] * world
-    torch.distributed.all_gather_object(found, (None if error is None else str(error), value))
-    first = next(((r, e) for r, (e, _) in enumerate(found) if e is not None), None)
-    if first:
-        raise UserError(first[1] if first[0] == rank else f"rank {first[0]} refused the run: {first[1]}")
-    return found[0][1]
+    mine = torch.tensor([error is not None, bool(value)], dtype=torch.long, device=device)
+    found = [torch.empty_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(found, mine)
+    failed = [r for r, f in enumerate(found) if f[0]]
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError(f"rank {failed[0]} stopped with an error (printed by that process)")
+    return bool(found[0][1])
 
 
 def setup_distributed(args) -> tuple[int, int, bool]:
@@ -540,7 +545,6 @@ def main(argv=None) -> int:
 
 def run(args, rank: int = 0, world: int = 1) -> int:
     from safetensors import safe_open
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     lead = rank == 0                     # logging, progress bars, evaluation and files: rank 0 only
@@ -563,7 +567,7 @@ def run(args, rank: int = 0, world: int = 1) -> int:
         model, model_cfg = build_model(args, weights)
     except (UserError, DataError) as e:
         error = e
-    resume = agree(world, rank, error, resume)
+    resume = agree(world, rank, error, resume, args.device)
     for d in domains if listing is not None else ():
         d.train.transform = d.test.transform = make_transform(model_cfg, args.norm)
     device = torch.device(args.device)
@@ -574,7 +578,7 @@ def run(args, rank: int = 0, world: int = 1) -> int:
             write_out(args, listing)
         except OSError as e:
             error = UserError(f"cannot write to --out {args.out}: {e}")
-    agree(world, rank, error)
+    agree(world, rank, error, device=args.device)
     if lead and listing is not None and listing.split_dir is None and not args.resume:
         print(f"{args.dataset}: no split files found, so each (domain, class) was split train/test here "
               f"(seed {args.split_seed}); written to {args.out}/splits, reuse with --splits {args.out}/splits",
@@ -623,20 +627,34 @@ def run(args, rank: int = 0, world: int = 1) -> int:
         with open(metrics_path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         save_checkpoint(fed, args.out)
-    if not lead:
-        return 0
+    error = None
+    if lead:
+        try:
+            finish(args, fed, acc)
+        except (UserError, DataError) as e:
+            error = e
+    agree(world, rank, error, device=args.device)   # every process returns once rank 0 has finished the run
+    if world > 1:
+        # gloo's worker threads release a collective's tensors after the call returns, which needs the
+        # GIL; a barrier (no tensors of ours) waits with the GIL released, so that happens now and not
+        # during interpreter shutdown, where it aborts the process
+        torch.distributed.barrier()
+    return 0
+
+
+def finish(args, fed: Federation, acc: dict | None) -> None:
+    """Rank 0, after the last round: final evaluation, report, final.safetensors."""
+    from safetensors.torch import save_file
     acc = acc or fed.evaluate()
     if fed.unreadable():
         print("warning: images that could not be decoded were left out of training and evaluation: " + ", ".join(
             f"{d} {n['train']} train / {n['test']} test" for d, n in fed.unreadable().items()), file=sys.stderr)
-
     final = {k: v for k, v in fed.state_tensors().items() if k.startswith(("global/", "base/"))}
     save_file(final, os.path.join(args.out, "final.safetensors.tmp"), metadata={"method": args.method})
     os.replace(os.path.join(args.out, "final.safetensors.tmp"), os.path.join(args.out, "final.safetensors"))
     print(f"\n{'domain':<12s} top-1 (%)")
     for name, a in acc.items():
         print(f"{name:<12s} {100 * a:6.2f}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def run_variant(name: str, argv: list[str], out: str) -> list[dict]:
     """Run (or resume, or reuse) one variant for one seed; return its metrics records."""
     final = os.path.join(out, "final.safetensors")
     if not os.path.isfile(final):
-        resume = ["--resume"] if os.path.isfile(os.path.join(out, "checkpoint.safetensors")) else []
+        resume = ["--resume"] if os.path.isfile(os.path.join(out, "config.json")) else []   # started before
         print(f"== {name}: {' '.join(argv)}", file=sys.stderr)
         if train.main([*argv, "--out", out, "--no-progress", *resume]) != 0:
             raise SystemExit(f"{name} failed; see the error above")

@@ -1,4 +1,5 @@
 """torchrun: 2 gloo processes on CPU give the 1-process result; a dead rank ends the run, bounded."""
+import json
 import os
 import socket
 import subprocess
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from aggregators import AGGREGATORS
-from tests.test_train import TINY
+from tests.test_train import IMAGES, TINY, broken_domainnet
 from train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +51,20 @@ def test_distributed_resume_equals_unbroken_single_process_run(tmp_path):
     one, two = load_file(tmp_path / "one" / "final.safetensors"), load_file(tmp_path / "two" / "final.safetensors")
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_unreadable_images_are_counted_across_processes(tmp_path):
+    root = broken_domainnet(str(tmp_path / "dn"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", WORKER, str(tmp_path / "two"), "images", root]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    torch.set_num_threads(1)
+    assert main([*IMAGES(root), "--out", str(tmp_path / "one")]) == 0
+    one, two = ([json.loads(x) for x in open(tmp_path / n / "metrics.jsonl")] for n in ("one", "two"))
+    expected = {"clipart": {"train": 2, "test": 0}, "sketch": {"train": 2, "test": 1}}
+    assert one[-1]["unreadable"] == two[-1]["unreadable"] == expected
+    assert [r["acc"] for r in one] == [r["acc"] for r in two]
 
 
 def test_a_dead_rank_ends_the_run_with_an_error(tmp_path):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from aggregators import AGGREGATORS
-from data import load_shapes, partition
+from data import DataError, load_shapes, partition
 from fed import Client, FedConfig, Federation
 from lora import inject_lora, lora_layers, lora_state, trainable_state
 from train import shapes_vit
@@ -178,3 +178,53 @@ def test_centralised_client_sees_every_domain():
     assert len(fed.train_set(fed.clients[0])) == 120
     rec = fed.run_round()
     assert rec["clients"] == [0] and rec["cos"] == pytest.approx(1.0, abs=1e-6)
+
+
+class ReadsRed(torch.nn.Module):
+    """A perfect classifier for the images of tests/layouts.py, whose red channel is 8 * label."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))     # something for local SGD to hold
+
+    def forward(self, x):                                # x: (N, 3, H, W), normalised by mean 0.5, std 0.5
+        label = (x[:, 0].mean((1, 2)) * 0.5 + 0.5) * 255 / 8                      # (N,)
+        return -(torch.arange(10) - label[:, None]).abs() + 0 * self.w           # (N, 10), peak at the label
+
+
+def image_federation(tmp_path, broken_train=(), broken_test=(), centralised=False):
+    from data import _Transform, image_domains, list_images
+    from tests import layouts
+    root = layouts.domainnet(str(tmp_path), per_class=4)
+    lst = list_images("domainnet", root, ["clipart", "sketch"], 100)
+    for d, split, i in [(d, "train", i) for d, i in broken_train] + [(d, "test", i) for d, i in broken_test]:
+        (tmp_path / lst.items[d][split][i][0]).write_bytes(b"\x89PNG broken")
+    doms = image_domains(lst, _Transform(8, (0.5,) * 3, (0.5,) * 3))
+    clients = ([Client(-1, list(range(24)))] if centralised else [Client(0, list(range(12))), Client(1, list(range(12)))])
+    cfg = FedConfig(method="fedit", lr=0.0, batch_size=5, local_epochs=2, progress=False)
+    return Federation(ReadsRed(), doms, clients, cfg, torch.device("cpu"))
+
+
+def test_unreadable_test_images_are_left_out_not_scored_wrong(tmp_path):
+    fed = image_federation(tmp_path, broken_test=[("sketch", 0), ("sketch", 2)])
+    acc = fed.evaluate()
+    assert acc == {"clipart": 1.0, "sketch": 1.0, "mean": 1.0}     # not 0.5: the 2 broken of 4 are not counted
+    assert fed.unreadable() == {"sketch": {"train": 0, "test": 2}}
+    for i in (1, 3):
+        (tmp_path / fed.domains[1].test.items[i][0]).write_bytes(b"")
+    with pytest.raises(DataError, match="every one of the 4 test images could not be decoded"):
+        fed.evaluate()
+
+
+@pytest.mark.parametrize("centralised", [False, True])
+def test_unreadable_training_images_are_counted_once_per_domain(tmp_path, centralised):
+    fed = image_federation(tmp_path, broken_train=[("clipart", 3), ("sketch", 0), ("sketch", 11)],
+                           centralised=centralised)
+    for _ in range(2):                                # 2 visits of 2 local epochs: every image is met 4 times
+        for k, c in enumerate(fed.clients):
+            fed.local_train(c, seed=k)
+    assert fed.unreadable() == {"clipart": {"train": 1, "test": 0}, "sketch": {"train": 2, "test": 0}}
+    assert fed.unreadable_train == {"clipart": {3}, "sketch": {0, 11}}
+    again = image_federation(tmp_path / "again", centralised=centralised)
+    again.load_state_tensors(fed.state_tensors(), 0)                  # carried by checkpoints
+    assert again.unreadable_train == fed.unreadable_train
