@@ -431,3 +431,29 @@ def test_nicopp_challenge_download_end_to_end(tmp_path, capsys):
     assert main([*run, "--rounds", "2", "--splits", str(tmp_path / "a" / "splits"), "--out", str(tmp_path / "b")]) == 0
     a, b = (load_file(tmp_path / n / "final.safetensors") for n in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("negative label", "clipart_train.txt:3: label -1 is outside 0..344"),
+    ("one level too high", "one level too high: pass --data-root {root}"),
+    ("nicopp layout absent", "no NICO++ images under {root}"),
+    ("num classes", "--num-classes must be in 1..345 for domainnet, got 400"),
+])
+def test_bad_data_is_one_line_exit_2_before_any_model(tmp_path, capsys, monkeypatch, case, message):
+    monkeypatch.setattr("train.check_weights", lambda args: pytest.fail("looked at weights first"))
+    root = layouts.domainnet(str(tmp_path / "dn"), domains=("clipart", "sketch"))
+    argv, data_root = ["--dataset", "domainnet", "--domains", "clipart,sketch"], root
+    if case == "negative label":
+        lines = (tmp_path / "dn" / "clipart_train.txt").read_text().splitlines()
+        lines[2] = lines[2].rsplit(" ", 1)[0] + " -1"
+        (tmp_path / "dn" / "clipart_train.txt").write_text("\n".join(lines) + "\n")
+    elif case == "one level too high":
+        data_root = str(tmp_path)
+    elif case == "nicopp layout absent":
+        argv = ["--dataset", "nicopp"]
+    else:
+        argv += ["--num-classes", "400"]
+    rc = main([*argv, "--data-root", data_root, "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and message.format(root=root) in err[0], err
+    assert not (tmp_path / "run").exists()
