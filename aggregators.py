@@ -8,6 +8,10 @@ Every method has the same contract, per LoRA layer (leading dims batch same-shap
     B: (..., K, d_out, r)  their up-projections B_k
     w: (K,)                client weights p_k = n_k / sum_j n_j (finite, >= 0, summing to 1)
 
+Any floating dtype: w is checked and renormalised in float64 so that it sums to one exactly (FedEx's
+residual and every average rely on it), half-precision factors are aggregated in float32, and the
+Update comes back in the inputs' dtype.
+
     Update.A: (..., r, d_in) or None     new global A (None: re-initialised / kept by clients)
     Update.B: (..., d_out, r) or None    new global B
     Update.delta_w: (..., d_out, d_in) or None   folded into the frozen base weight W0,
@@ -26,6 +30,7 @@ This file depends on torch and the standard library only, so it can be copied al
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -49,8 +54,11 @@ def _name(layer: Names, flat_index: int) -> str:
 
 
 def check_weights(w, K: Optional[int] = None, *, layer: Names = "layer") -> Tensor:
-    """Return w as a 1-D tensor after checking it is a valid set of client weights p_k."""
+    """Check w is a valid set of client weights p_k; return it in float64, renormalised to sum to 1.
+
+    The sum may be off by rounding (1e-6, or a few ulps of w's own dtype, e.g. bf16 weights)."""
     w = torch.as_tensor(w)
+    slack = max(1e-6, (w.numel() + 1) * torch.finfo(w.dtype).eps) if w.is_floating_point() else 1e-6
     if w.dim() != 1:
         raise ValueError(f"{_name(layer, -1)}: client weights must be 1-D (K,), got shape {tuple(w.shape)}")
     if K is not None and w.numel() != K:
@@ -63,14 +71,15 @@ def check_weights(w, K: Optional[int] = None, *, layer: Names = "layer") -> Tens
         raise ValueError(f"{_name(layer, -1)}: client weights contain NaN/Inf: {w64.tolist()}")
     if (w64 < 0).any():
         raise ValueError(f"{_name(layer, -1)}: client weights must be >= 0, got {w64.tolist()}")
-    if abs(w64.sum().item() - 1.0) > 1e-6:
+    if abs(w64.sum().item() - 1.0) > slack:
         raise ValueError(f"{_name(layer, -1)}: client weights sum to {w64.sum().item():.8g}, not 1; "
                          "normalise them (p_k = n_k / sum_j n_j)")
-    return w
+    return w64 / w64.sum()
 
 
-def _check(A: Tensor, B: Tensor, w, layer: Names) -> Tensor:
-    """Check shapes, finiteness and weights; return w on A's device and dtype."""
+def _check(A: Tensor, B: Tensor, w, layer: Names) -> tuple[Tensor, Tensor, Tensor, torch.dtype]:
+    """Check shapes, finiteness and weights. Return A, B and w in the dtype to compute in (float32
+    for half-precision factors, else theirs), w summing to one, and the factors' own dtype."""
     if A.dim() < 3 or B.dim() < 3:
         raise ValueError(f"{_name(layer, -1)}: expected A (..., K, r, d_in) and B (..., K, d_out, r), "
                          f"got A {tuple(A.shape)} and B {tuple(B.shape)}")
@@ -100,7 +109,13 @@ def _check(A: Tensor, B: Tensor, w, layer: Names) -> Tensor:
             where = _name(layer, l if lead else -1)
             raise ValueError(f"{where}: client {k}'s {name} contains NaN/Inf; leave that client out "
                              "of the round and renormalise the weights")
-    return w.to(device=A.device, dtype=A.dtype)
+    ct = torch.promote_types(A.dtype, torch.float32)
+    return A.to(ct), B.to(ct), w.to(device=A.device, dtype=ct), A.dtype
+
+
+def _cast(update: Update, dtype: torch.dtype) -> Update:
+    """The Update in the inputs' dtype."""
+    return Update(*(None if x is None else x.to(dtype) for x in update))
 
 
 def _shared(X: Tensor, tol: float, layer: Names, what: str) -> Tensor:
@@ -144,8 +159,8 @@ def fedit(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
     Clients continue from (A_bar, B_bar). Biased: B_bar A_bar != dW = sum p_k B_k A_k (Eq. 6),
     because a product does not distribute over sums.
     """
-    w = _check(A, B, w, layer)
-    return Update(weighted_mean(A, w), weighted_mean(B, w), None)
+    A, B, w, dtype = _check(A, B, w, layer)
+    return _cast(Update(weighted_mean(A, w), weighted_mean(B, w), None), dtype)
 
 
 def ffa(A: Tensor, B: Tensor, w, *, layer: Names = "layer", tol: float = 0.0) -> Update:
@@ -154,9 +169,9 @@ def ffa(A: Tensor, B: Tensor, w, *, layer: Names = "layer", tol: float = 0.0) ->
     Exact, since B_bar A = sum p_k B_k A. The clients' A must really be identical (up to `tol`,
     relative to max |A|); otherwise the average would be silently biased.
     """
-    w = _check(A, B, w, layer)
+    A, B, w, dtype = _check(A, B, w, layer)
     A0 = _shared(A, tol, layer, "ffa needs one frozen A shared by every client (freeze it at one init)")
-    return Update(A0, weighted_mean(B, w), None)
+    return _cast(Update(A0, weighted_mean(B, w), None), dtype)
 
 
 def flora(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
@@ -165,9 +180,9 @@ def flora(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
     dW is folded into the frozen weight (delta_w = dW) and every client re-initialises its LoRA
     (A random, B = 0) next round, so A and B are None.
     """
-    w = _check(A, B, w, layer)
+    A, B, w, dtype = _check(A, B, w, layer)
     U, V = stacked_factors(A, B, w)
-    return Update(None, None, U @ V)                                          # (..., d_out, d_in)
+    return _cast(Update(None, None, U @ V), dtype)                            # (..., d_out, d_in)
 
 
 def flexlora(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
@@ -178,7 +193,7 @@ def flexlora(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
     dW = (Q_u P) S (Q_v Q)^T is already an SVD of dW, at O((d_out + d_in) (K r)^2) instead of a
     dense SVD of d_out x d_in.
     """
-    w = _check(A, B, w, layer)
+    A, B, w, dtype = _check(A, B, w, layer)
     r = A.shape[-2]
     U, V = stacked_factors(A, B, w)                 # U: (..., d_out, K r)  V: (..., K r, d_in)
     Qu, Ru = torch.linalg.qr(U)                     # Qu: (..., d_out, m1)  Ru: (..., m1, K r)
@@ -186,7 +201,7 @@ def flexlora(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
     P, S, Qh = torch.linalg.svd(Ru @ Rv.mT, full_matrices=False)  # core: (..., m1, m2)
     B_new = (Qu @ P[..., :r]) * S[..., None, :r]    # (..., d_out, r)
     A_new = Qh[..., :r, :] @ Qv.mT                  # (..., r, d_in)
-    return Update(A_new, B_new, None)
+    return _cast(Update(A_new, B_new, None), dtype)
 
 
 def fedex(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
@@ -195,18 +210,18 @@ def fedex(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
     The residual goes into the frozen weight, so W0 + delta_w + B_bar A_bar = W0 + dW exactly.
     It is the clients' weighted covariance of the factors, computed as such below.
     """
-    w = _check(A, B, w, layer)
+    A, B, w, dtype = _check(A, B, w, layer)
     A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)
     # dW - B_bar A_bar = sum_k p_k (B_k - B_bar)(A_k - A_bar) (as sum_k p_k = 1): one product of
     # inner size K r, the same cost as FLoRA's, with the centred factors
     U, V = stacked_factors(A - A_bar[..., None, :, :], B - B_bar[..., None, :, :], w)
-    return Update(A_bar, B_bar, U @ V)                                        # (..., d_out, d_in)
+    return _cast(Update(A_bar, B_bar, U @ V), dtype)                          # (..., d_out, d_in)
 
 
 def fedsa(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
     """FedSA-LoRA: share A only. A_bar = sum p_k A_k; each client keeps its own B_k (B is None)."""
-    w = _check(A, B, w, layer)
-    return Update(weighted_mean(A, w), None, None)
+    A, B, w, dtype = _check(A, B, w, layer)
+    return _cast(Update(weighted_mean(A, w), None, None), dtype)
 
 
 def rolora(A: Tensor, B: Tensor, w, *, phase: str, layer: Names = "layer", tol: float = 0.0) -> Update:
@@ -216,14 +231,14 @@ def rolora(A: Tensor, B: Tensor, w, *, phase: str, layer: Names = "layer", tol: 
     phase='B': B_bar = sum p_k B_k with A shared. Either way the product is exact:
     B A_bar = sum p_k B A_k and B_bar A = sum p_k B_k A.
     """
-    w = _check(A, B, w, layer)
+    A, B, w, dtype = _check(A, B, w, layer)
     if phase not in ("A", "B"):
         raise ValueError(f"{_name(layer, -1)}: rolora phase must be 'A' or 'B', got {phase!r}")
     if phase == "A":
         B0 = _shared(B, tol, layer, "rolora phase 'A' needs one B shared by every client")
-        return Update(weighted_mean(A, w), B0, None)
+        return _cast(Update(weighted_mean(A, w), B0, None), dtype)
     A0 = _shared(A, tol, layer, "rolora phase 'B' needs one A shared by every client")
-    return Update(A0, weighted_mean(B, w), None)
+    return _cast(Update(A0, weighted_mean(B, w), None), dtype)
 
 
 def _flat_terms(U: Tensor, V: Optional[Tensor], A_bar: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -360,7 +375,7 @@ def lorafair(A: Tensor, B: Tensor, w, *, layer: Names = "layer", steps: int = 10
     cosine pulls. similarity='flat' is Eq. 8 as written; 'column' is the derived code's mean of
     per-column cosines.
     """
-    w = _check(A, B, w, layer)
+    A, B, w, dtype = _check(A, B, w, layer)
     _check_fair_options(steps, lr, lam, init, correct)
     A_bar, B_bar, U, V = _fair_inputs(A, B, w)
     start = (lambda X, s: torch.zeros_like(X)) if init == "zeros" else _xavier
@@ -368,7 +383,7 @@ def lorafair(A: Tensor, B: Tensor, w, *, layer: Names = "layer", steps: int = 10
     dA = start(A_bar, seed + 1) if correct != "B" else None  # (..., r, d_in)
     if similarity == "flat" and correct == "B":
         C, G, nX = _flat_terms(U, V, A_bar, eps)
-        return Update(A_bar, B_bar + _sgd_flat_B(B_bar, dB, C, G, nX, steps, lr, lam, eps), None)
+        return _cast(Update(A_bar, B_bar + _sgd_flat_B(B_bar, dB, C, G, nX, steps, lr, lam, eps), None), dtype)
     cos = _cosine_parts(U, V, A_bar, similarity, eps)                      # autograd for the other variants
     residuals = [x for x in (dB, dA) if x is not None]
     with torch.enable_grad():
@@ -384,7 +399,7 @@ def lorafair(A: Tensor, B: Tensor, w, *, layer: Names = "layer", steps: int = 10
                     x -= lr * g
     A_new = A_bar if dA is None else A_bar + dA.detach()
     B_new = B_bar if dB is None else B_bar + dB.detach()
-    return Update(A_new, B_new, None)
+    return _cast(Update(A_new, B_new, None), dtype)
 
 
 AGGREGATORS: dict[str, Callable[..., Update]] = {
@@ -418,7 +433,9 @@ def applied_update(update: Update, A: Tensor, B: Tensor, w: Tensor) -> Tensor:
 
 def diagnostics(update: Update, A: Tensor, B: Tensor, w, *, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
     """cos(dW, dW_applied) and ||dW - dW_applied||_F / ||dW||_F per layer: two (...,) tensors."""
-    w = torch.as_tensor(w).to(A)
+    ct = torch.promote_types(A.dtype, torch.float32)                         # half precision: in float32
+    A, B, w = A.to(ct), B.to(ct), torch.as_tensor(w).to(A.device, ct)
+    update = Update(*(None if x is None else x.to(ct) for x in update))
     U, V = stacked_factors(A, B, w)
     dW = U @ V                                                                # (..., d_out, d_in)
     applied = applied_update(update, A, B, w)
@@ -449,7 +466,7 @@ def _lorafair_merged(stacks: list, options: Mapping) -> list[Update]:
     _check_fair_options(steps, lr, lam, "zeros", "B")
     terms, bins = [], {}
     for i, (group, A, B, wg) in enumerate(stacks):
-        _check(A, B, wg, group)
+        A, B, wg, _ = _check(A, B, wg, group)
         A_bar, B_bar, U, V = _fair_inputs(A, B, wg)
         terms.append((A_bar, B_bar, *_flat_terms(U, V, A_bar, eps)))
         bins.setdefault((tuple(B_bar.shape[1:]), B_bar.dtype, B_bar.device), []).append(i)
@@ -459,7 +476,7 @@ def _lorafair_merged(stacks: list, options: Mapping) -> list[Update]:
         out = _sgd_flat_B(B_bar, torch.zeros_like(B_bar), C, G, nX, steps, lr, lam, eps)
         for i, part in zip(members, out.split([len(stacks[i][0]) for i in members])):
             dB[i] = part
-    return [Update(t[0], t[1] + d, None) for t, d in zip(terms, dB)]
+    return [_cast(Update(t[0], t[1] + d, None), s[1].dtype) for t, d, s in zip(terms, dB, stacks)]
 
 
 class StateUpdate(NamedTuple):
@@ -469,14 +486,40 @@ class StateUpdate(NamedTuple):
     rel_err: dict[str, float]   # layer prefix -> ||dW - dW_applied|| / ||dW||
 
 
+# `<prefix>.lora_A.weight` (this project, PEFT's saved adapter files) or `<prefix>.lora_A.<adapter>.weight`
+# (a live PEFT model's state_dict(), e.g. adapter 'default')
+LORA_KEY = re.compile(r"^(?P<prefix>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+
+
+def lora_pairs(keys: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """Layer prefix -> (key of A, key of B), in any of the key forms LORA_KEY accepts."""
+    found: dict[tuple[str, Optional[str]], dict[str, str]] = {}
+    for key in keys:
+        m = LORA_KEY.match(key)
+        if m:
+            found.setdefault((m["prefix"], m["adapter"]), {})[m["factor"]] = key
+    pairs: dict[str, tuple[str, str]] = {}
+    for (prefix, adapter), f in found.items():
+        if set(f) != {"A", "B"}:
+            have, lack = next(iter(f.values())), "B" if "A" in f else "A"
+            raise ValueError(f"layer {prefix}: has {have} but no lora_{lack} weight")
+        if prefix in pairs:
+            raise ValueError(f"layer {prefix}: several adapters ({adapter} and another); pass one adapter's weights")
+        pairs[prefix] = (f["A"], f["B"])
+    return pairs
+
+
 def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: str,
                      **options) -> StateUpdate:
     """Aggregate whole client state dicts with one method.
 
-    Keys `<prefix>.lora_A.weight` / `<prefix>.lora_B.weight` (HF PEFT's naming) are paired into
-    layers; layers of the same shape are stacked into one batched call of the method; every other
-    floating key (e.g. the classifier head) is FedAvg'd, sum_k p_k x_k; non-floating keys must
-    agree across clients and are copied.
+    LoRA factors are found by name: `<prefix>.lora_A.weight` / `<prefix>.lora_B.weight` (this
+    project and HF PEFT's saved adapters, `get_peft_model_state_dict`) or
+    `<prefix>.lora_A.<adapter>.weight` (a PEFT model's own `state_dict()`); the result uses the
+    same keys. Layers of the same shape are stacked into one batched call of the method; every
+    other floating key (e.g. the classifier head) is FedAvg'd, sum_k p_k x_k; non-floating keys
+    must agree across clients and are copied. A state with no LoRA pair at all is an error (it
+    would otherwise be averaged as FedAvg, whatever the method).
     """
     fn = get_aggregator(method)
     K = len(states)
@@ -486,29 +529,25 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
         if set(s.keys()) != set(keys):
             diff = sorted(set(s.keys()) ^ set(keys))
             raise ValueError(f"client {k}'s state dict has different keys from client 0's: {diff[:5]}")
-    prefixes = [k[: -len(".lora_A.weight")] for k in keys if k.endswith(".lora_A.weight")]
-    for p in prefixes:
-        if p + ".lora_B.weight" not in states[0]:
-            raise ValueError(f"layer {p}: has lora_A.weight but no lora_B.weight")
-    for k in keys:
-        if k.endswith(".lora_B.weight") and k[: -len(".lora_B.weight")] not in prefixes:
-            raise ValueError(f"layer {k[: -len('.lora_B.weight')]}: has lora_B.weight but no lora_A.weight")
+    pairs = lora_pairs(keys)
+    if not pairs:
+        raise ValueError(f"no LoRA layer found among the {len(keys)} keys (e.g. {keys[:4]}); expected pairs "
+                         "'<layer>.lora_A.weight' / '<layer>.lora_B.weight' or '<layer>.lora_A.<adapter>.weight'")
 
     groups: dict[tuple, list[str]] = {}
-    for p in prefixes:
-        A0, B0 = states[0][p + ".lora_A.weight"], states[0][p + ".lora_B.weight"]
+    for p, (ka, kb) in pairs.items():
+        A0, B0 = states[0][ka], states[0][kb]
         for k, s in enumerate(states):
-            if s[p + ".lora_A.weight"].shape != A0.shape or s[p + ".lora_B.weight"].shape != B0.shape:
-                raise ValueError(f"layer {p}: client {k}'s factors have shapes "
-                                 f"{tuple(s[p + '.lora_A.weight'].shape)}, {tuple(s[p + '.lora_B.weight'].shape)}; "
-                                 f"client 0's are {tuple(A0.shape)}, {tuple(B0.shape)}")
+            if s[ka].shape != A0.shape or s[kb].shape != B0.shape:
+                raise ValueError(f"layer {p}: client {k}'s factors have shapes {tuple(s[ka].shape)}, "
+                                 f"{tuple(s[kb].shape)}; client 0's are {tuple(A0.shape)}, {tuple(B0.shape)}")
         groups.setdefault((tuple(A0.shape), tuple(B0.shape), A0.dtype, A0.device), []).append(p)
 
     stacks = []
     for group in groups.values():
-        A = torch.stack([torch.stack([s[p + ".lora_A.weight"] for s in states]) for p in group])  # (L, K, r, d_in)
-        B = torch.stack([torch.stack([s[p + ".lora_B.weight"] for s in states]) for p in group])  # (L, K, d_out, r)
-        stacks.append((group, A, B, w.to(device=A.device, dtype=A.dtype)))
+        A = torch.stack([torch.stack([s[pairs[p][0]] for s in states]) for p in group])  # (L, K, r, d_in)
+        B = torch.stack([torch.stack([s[pairs[p][1]] for s in states]) for p in group])  # (L, K, d_out, r)
+        stacks.append((group, A, B, w.to(A.device)))
     if method == "lorafair" and _merged_path(options):
         updates = _lorafair_merged(stacks, options)
     else:
@@ -519,19 +558,21 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
         cos, rel = diagnostics(upd, A, B, wg)
         for i, p in enumerate(group):
             if upd.A is not None:
-                out.state[p + ".lora_A.weight"] = upd.A[i]
+                out.state[pairs[p][0]] = upd.A[i]
             if upd.B is not None:
-                out.state[p + ".lora_B.weight"] = upd.B[i]
+                out.state[pairs[p][1]] = upd.B[i]
             if upd.delta_w is not None:
                 out.delta_w[p] = upd.delta_w[i]
             out.cos[p], out.rel_err[p] = cos[i].item(), rel[i].item()
+    factors = {k for ab in pairs.values() for k in ab}
     for key in keys:
-        if key.endswith((".lora_A.weight", ".lora_B.weight")):
+        if key in factors:
             continue
         x0 = states[0][key]
         if x0.is_floating_point():
-            stacked = torch.stack([s[key] for s in states])                  # (K, ...)
-            out.state[key] = torch.tensordot(w.to(device=x0.device, dtype=x0.dtype), stacked, dims=1)
+            ct = torch.promote_types(x0.dtype, torch.float32)
+            stacked = torch.stack([s[key] for s in states]).to(ct)                   # (K, ...)
+            out.state[key] = torch.tensordot(w.to(x0.device, ct), stacked, dims=1).to(x0.dtype)
         else:
             if any(not torch.equal(s[key], x0) for s in states):
                 raise ValueError(f"{key}: non-floating entry differs across clients; cannot average it")

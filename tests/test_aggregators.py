@@ -405,3 +405,81 @@ def test_diagnostics_measure_the_bias():
         assert cos == pytest.approx(1.0, abs=1e-12) and rel < 1e-12
     cos_fair, _ = diagnostics(lorafair(A, B, w), A, B, w)
     assert cos_fair > diagnostics(fedit(A, B, w), A, B, w)[0]
+
+
+# ----------------------------------------------------------------------------- dtypes and key forms
+
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_aggregated_in_float32_and_returned_in_its_dtype(method, dtype):
+    A, B, _ = clients(K=3, lead=(2,), method=method)
+    A, B = A.to(dtype), B.to(dtype)
+    w = torch.tensor([3, 5, 7], dtype=dtype) / 15        # in bf16 these sum to 1.0039, not 1
+    u = run(method, A, B, w)
+    ref = run(method, A.float(), B.float(), w.double() / w.double().sum())   # the same inputs, in float32
+    for got, want in zip(u, ref):
+        assert (got is None) == (want is None)
+        if want is not None:
+            assert got.dtype == dtype and torch.equal(got, want.to(dtype))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2 ** -7), (torch.float16, 2 ** -10),
+                                        (torch.float32, 1e-6), (torch.float64, 1e-13)])
+def test_fedex_is_exact_to_the_dtypes_precision(dtype, tol):
+    A, B, _ = clients(K=4, d_out=64, d_in=48, r=4)
+    A, B = A.to(dtype), B.to(dtype)
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4 - 5e-7], dtype=torch.float64)   # off by rounding: accepted, renormalised
+    u = fedex(A, B, w)
+    p = (w / w.sum()).to(torch.float64)
+    dW = dense_dW(A.double(), B.double(), p)
+    got = u.B.double() @ u.A.double() + u.delta_w.double()
+    assert ((got - dW).norm() / dW.norm()).item() < tol
+
+
+def peft_forms(states, adapter):
+    """A state in the key form of a live PEFT model (`.lora_A.<adapter>.weight`, under base_model.model.)."""
+    out = []
+    for s in states:
+        d = {}
+        for k, v in s.items():
+            k = "base_model.model." + k
+            if adapter and (".lora_A." in k or ".lora_B." in k):
+                k = k.replace(".weight", f".{adapter}.weight")
+            d[k] = v
+        out.append(d)
+    return out
+
+
+@pytest.mark.parametrize("adapter", [None, "default", "client_7"])
+@pytest.mark.parametrize("method", ["fedit", "flora", "fedsa", "lorafair"])
+def test_aggregate_states_takes_and_returns_peft_key_forms(method, adapter):
+    states = client_states()
+    w = [0.2, 0.3, 0.5]
+    ours = aggregate_states(states, w, method, **OPTS.get(method, {}))
+    theirs = aggregate_states(peft_forms(states, adapter), w, method, **OPTS.get(method, {}))
+    assert theirs.state.keys() == peft_forms([ours.state], adapter)[0].keys()
+    for k, v in peft_forms([ours.state], adapter)[0].items():
+        assert torch.equal(theirs.state[k], v)
+    assert {f"base_model.model.{p}": v for p, v in ours.cos.items()} == theirs.cos
+    assert {f"base_model.model.{p}" for p in ours.delta_w} == set(theirs.delta_w)
+
+
+def test_aggregate_states_without_any_lora_layer_is_an_error():
+    states = [{"blocks.0.attn.proj.lora_down.weight": torch.ones(2, 3), "head.weight": torch.ones(4, 2)}] * 2
+    with pytest.raises(ValueError, match=r"no LoRA layer found among the 2 keys \(e.g. \['blocks.0.attn.proj.lora_down"):
+        aggregate_states(states, [0.5, 0.5], "fedit")
+    two = [{"x.lora_A.a.weight": torch.ones(1, 3), "x.lora_B.a.weight": torch.ones(3, 1),
+            "x.lora_A.b.weight": torch.ones(1, 3), "x.lora_B.b.weight": torch.ones(3, 1)}] * 2
+    with pytest.raises(ValueError, match="layer x: several adapters"):
+        aggregate_states(two, [0.5, 0.5], "fedit")
+
+
+def test_aggregate_states_half_precision_head_and_factors():
+    states = [{k: v.to(torch.bfloat16) for k, v in s.items()} for s in client_states()]
+    w = [0.2, 0.3, 0.5]
+    out = aggregate_states(states, w, "fedex")
+    ref = aggregate_states([{k: v.float() for k, v in s.items()} for s in states], w, "fedex")
+    for k, v in out.state.items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, ref.state[k].to(torch.bfloat16))
+    for p, v in out.delta_w.items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, ref.delta_w[p].to(torch.bfloat16))
