@@ -53,6 +53,7 @@ class FedConfig:
     workers: int = 0
     client_init: str = "global"         # clients start each round from: the global adapter | a fresh
                                         # LoRA (global adapter folded into W0 first) | their own last one
+    local_head: bool = False            # fedsa: each client also keeps its own classifier head
     agg_options: dict = field(default_factory=dict)   # e.g. lorafair's steps, lr, lam, init, similarity
     progress: bool = True
 
@@ -97,6 +98,7 @@ class Federation:
         keys = list(trainable_state(model))
         self.a_keys = [k for k in keys if k.endswith("lora_A.weight")]
         self.b_keys = [k for k in keys if k.endswith("lora_B.weight")]
+        self.head_keys = [k for k in keys if k not in self.a_keys and k not in self.b_keys]
         self.unreadable_train = {d.name: set() for d in domains}   # indices into each domain's train split
         self.unreadable_test = {d.name: 0 for d in domains}         # found by the last evaluation
 
@@ -233,8 +235,9 @@ class Federation:
                     warnings.warn(f"round {t}: client {k}'s update is NaN/Inf; left out of this round")
                 dropped.append(k)
                 continue
-            if cfg.method == "fedsa":
-                self.clients[k].state = {key: up[key] for key in self.b_keys}
+            if cfg.method == "fedsa":   # its own B (and head, as FedSA-LoRA's authors run it)
+                own = self.b_keys + (self.head_keys if cfg.local_head else [])
+                self.clients[k].state = {key: up[key] for key in own}
             elif cfg.client_init == "local":
                 self.clients[k].state = {key: up[key] for key in self.a_keys + self.b_keys}
             uploads.append(up)

@@ -215,3 +215,69 @@ def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     """Everything a client uploads: the adapters and the other trainable tensors (the head)."""
     return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad
             or k.endswith(("lora_A.weight", "lora_B.weight"))}
+
+
+# ----------------------------------------------------------------------------- export
+
+def merged_state(model: nn.Module) -> dict[str, Tensor]:
+    """The model as a plain state dict under the backbone's own names (timm's), every adapter
+    merged into its base weight: W = W0 + s B A (q and v rows of a fused qkv)."""
+    wrappers = {n: m for n, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAQKV))}
+    out = {}
+    for k, v in model.state_dict().items():
+        owner = next((n for n in wrappers if k.startswith(n + ".")), None)
+        if owner is None:
+            out[k] = v.detach().clone()
+        elif k.startswith(owner + ".base."):
+            out[owner + k[len(owner) + 5:]] = v.detach().clone()
+    for name, m in wrappers.items():
+        if not m.merged:
+            for lora, rows in m.adapters().values():
+                out[name + ".weight"][rows] += lora.delta_weight().detach().to(out[name + ".weight"])
+    return out
+
+
+def peft_adapter(model: nn.Module, base_model: str | None = None) -> tuple[dict, dict[str, Tensor]]:
+    """The adapters and the head in HF PEFT's LoRA format: (adapter_config.json as a dict, the tensors
+    of adapter_model.safetensors). Written without importing PEFT; `PeftModel.from_pretrained` on
+    the same backbone gives this model's outputs.
+
+    target_modules lists the exact names of the wrapped layers (PEFT matches name suffixes, so a
+    loose 'proj' would also catch the patch embedding). PEFT has no q/v-only adapter on a fused qkv,
+    so it becomes one adapter of rank 2 r with A = [A_q; A_v] and B = [[B_q, 0], [0, 0], [0, B_v]]
+    (rows q, k, v), whose product is exactly the q/v update; rank_pattern and alpha_pattern (2 r,
+    2 alpha) keep the scaling alpha / r. That is exact for inference, but training it in PEFT is not
+    the same parameterisation (the zero blocks of B would learn).
+    """
+    tensors, targets, rank_pattern, alpha_pattern, loras = {}, [], {}, {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            A, B, loras = m.lora_A.weight, m.lora_B.weight, loras + [m]
+        elif isinstance(m, LoRAQKV):
+            d, r = m.d, m.q.r
+            A = torch.cat([m.q.lora_A.weight, m.v.lora_A.weight])                      # (2 r, d_in)
+            B = torch.zeros(3 * d, 2 * r, dtype=A.dtype, device=A.device)              # (3 d, 2 r)
+            B[:d, :r], B[2 * d:, r:] = m.q.lora_B.weight, m.v.lora_B.weight
+            rank_pattern[name], alpha_pattern[name] = 2 * r, 2 * m.q.alpha
+            loras += [m.q, m.v]
+        else:
+            continue
+        targets.append(name)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = A.detach().clone().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = B.detach().clone().contiguous()
+    if not loras:
+        raise ValueError("the model has no LoRA layers to export")
+    if len({(x.r, x.alpha) for x in loras}) > 1:
+        raise ValueError("PEFT export expects one rank and alpha for every adapter")
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_name = next((n for n, x in model.named_modules() if x is head), None) if isinstance(head, nn.Module) else None
+    if head_name:
+        for k, v in head.state_dict().items():
+            tensors[f"base_model.model.{head_name}.{k}"] = v.detach().clone().contiguous()
+    p = loras[0].lora_dropout.p if isinstance(loras[0].lora_dropout, nn.Dropout) else 0.0
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model,
+              "r": loras[0].r, "lora_alpha": loras[0].alpha, "lora_dropout": p, "target_modules": targets,
+              "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,
+              "modules_to_save": [head_name] if head_name else None, "bias": "none", "fan_in_fan_out": False,
+              "init_lora_weights": True, "use_rslora": False, "use_dora": False, "inference_mode": True}
+    return config, tensors

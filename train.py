@@ -6,8 +6,9 @@
 
 Defaults that differ per dataset are in DATASET_DEFAULTS (the paper's values for DomainNet and
 NICO++; small, CPU-sized ones for the embedded dataset). Output in --out: config.json,
-metrics.jsonl (one record per round), checkpoint.safetensors (every round, atomic) and
-final.safetensors (global adapter + head).
+metrics.jsonl (one record per round), checkpoint.safetensors (every round, atomic),
+final.safetensors (global adapter + head), and for other tools merged.safetensors (a plain timm
+state dict, adapters merged) and adapter/ (HF PEFT's format).
 
 Every input is checked before anything expensive happens or anything is written: arguments, then
 --out (read only), the data (split files, labels, a directory listing that every image exists),
@@ -33,7 +34,7 @@ from aggregators import AGGREGATORS
 from data import (DATASETS, DataError, image_domains, list_images, load_shapes, make_transform, partition,
                   shapes_split, write_splits)
 from fed import Client, FedConfig, Federation
-from lora import inject_lora
+from lora import inject_lora, merged_state, peft_adapter
 
 DATASET_DEFAULTS = {
     # paper (Setup): ViT-B/16 in21k, rank 16, lr 0.01, batch 128; derived code: alpha max(8, 2r), dropout 0.1
@@ -49,7 +50,7 @@ LORA_TARGETS = {"vit": ["attn.proj", "mlp.fc2"], "mixer": ["mlp_tokens.fc2", "ml
 CACHE = os.environ.get("LORAFAIR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lorafair"))
 # keys of config.json that must match for --resume (the rest may change: rounds, device, workers, out)
 RESUME_FREE = {"rounds", "resume", "out", "device", "workers", "progress", "eval_every", "dist_timeout"}
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "final.safetensors")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "final.safetensors", "merged.safetensors")
 
 
 class UserError(Exception):
@@ -89,6 +90,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-steps", type=int, default=None, help="cap on local steps per round")
     p.add_argument("--client-init", default="global", choices=["global", "fresh", "local"],
                    help="clients start a round from the global adapter (paper), a fresh LoRA, or their own last one")
+    p.add_argument("--local-head", action="store_true",
+                   help="fedsa: every client keeps its own classifier head too (evaluated per client, like its B)")
     p.add_argument("--centralised", action="store_true",
                    help="reference run: one client holding every domain's training data")
     p.add_argument("--participation", type=float, default=1.0, help="fraction of clients per round")
@@ -129,6 +132,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--rounds must be >= 0, --batch-size and --eval-every > 0")
     if args.local_epochs <= 0 and not args.local_steps:
         raise UserError("--local-epochs must be > 0 unless --local-steps is given")
+    if args.local_head and args.method != "fedsa":
+        raise UserError(f"--local-head applies to --method fedsa (its clients keep their own B), not {args.method}")
     if args.dataset != "shapes" and not args.data_root:
         raise UserError(f"--dataset {args.dataset} needs --data-root (README, Data: what to download and where)")
     if args.model != "vit_shapes":
@@ -586,6 +591,7 @@ def run(args, rank: int = 0, world: int = 1) -> int:
     cfg = FedConfig(method=args.method, lr=args.lr, batch_size=args.batch_size, local_epochs=args.local_epochs,
                     local_steps=args.local_steps, participation=args.participation, seed=args.seed, amp=args.amp,
                     workers=args.workers, progress=args.progress, client_init=args.client_init,
+                    local_head=args.local_head,
                     agg_options=dict(steps=args.fair_steps, lr=args.fair_lr, lam=args.fair_lam, init=args.fair_init,
                                      similarity=args.fair_similarity, correct=args.fair_correct))
     fed = Federation(model, domains, clients, cfg, device, rank, world)
@@ -635,11 +641,38 @@ def run(args, rank: int = 0, world: int = 1) -> int:
             error = e
     agree(world, rank, error, device=args.device)   # every process returns once rank 0 has finished the run
     if world > 1:
-        # gloo's worker threads release a collective's tensors after the call returns, which needs the
-        # GIL; a barrier (no tensors of ours) waits with the GIL released, so that happens now and not
-        # during interpreter shutdown, where it aborts the process
+        # gloo's worker threads drop a finished collective's tensors after the call has returned, and
+        # that needs the GIL; done during interpreter shutdown it aborts the process. A barrier and a
+        # moment of sleep (both release the GIL) let them finish while this process still runs.
         torch.distributed.barrier()
+        time.sleep(0.05)
     return 0
+
+
+def export(args, fed: Federation) -> None:
+    """The final global model for other tools: <out>/merged.safetensors (timm's own state dict,
+    adapters merged, folds included, head included) and <out>/adapter/ (HF PEFT's format)."""
+    from safetensors.torch import save_file
+    merged = {k: v.detach().cpu().contiguous() for k, v in merged_state(fed.model).items()}
+    save_file(merged, os.path.join(args.out, "merged.safetensors.tmp"), metadata={"model": args.model})
+    os.replace(os.path.join(args.out, "merged.safetensors.tmp"), os.path.join(args.out, "merged.safetensors"))
+    config, tensors = peft_adapter(fed.model, args.model)
+    folder = os.path.join(args.out, "adapter")
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(folder, "adapter_model.safetensors"))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    folded = args.method in ("flora", "fedex") or args.client_init == "fresh"
+    note = os.path.join(folder, "NOTE.txt")
+    if folded:   # the backbone itself was changed: the adapter alone does not hold the trained model
+        with open(note, "w") as f:
+            f.write(f"This run ({args.method}, --client-init {args.client_init}) folded updates into the backbone "
+                    "weights, which a PEFT adapter cannot carry: loaded on the original backbone, this adapter "
+                    "leaves them out. The trained model is ../merged.safetensors.\n")
+        print(f"note: {args.method} changed the backbone weights; use {args.out}/merged.safetensors, not the "
+              "adapter alone", file=sys.stderr)
+    elif os.path.exists(note):
+        os.remove(note)
 
 
 def finish(args, fed: Federation, acc: dict | None) -> None:
@@ -652,6 +685,7 @@ def finish(args, fed: Federation, acc: dict | None) -> None:
     final = {k: v for k, v in fed.state_tensors().items() if k.startswith(("global/", "base/"))}
     save_file(final, os.path.join(args.out, "final.safetensors.tmp"), metadata={"method": args.method})
     os.replace(os.path.join(args.out, "final.safetensors.tmp"), os.path.join(args.out, "final.safetensors"))
+    export(args, fed)
     print(f"\n{'domain':<12s} top-1 (%)")
     for name, a in acc.items():
         print(f"{name:<12s} {100 * a:6.2f}")

@@ -483,3 +483,79 @@ def test_aggregate_states_half_precision_head_and_factors():
         assert v.dtype == torch.bfloat16 and torch.equal(v, ref.state[k].to(torch.bfloat16))
     for p, v in out.delta_w.items():
         assert v.dtype == torch.bfloat16 and torch.equal(v, ref.delta_w[p].to(torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------- with HF PEFT
+
+def readme_example() -> str:
+    """The code block of README's 'Use the aggregators in your own code'."""
+    import pathlib
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("## Use the aggregators in your own code", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_example_runs_and_aggregates_with_lorafair():
+    code = readme_example()
+    assert 15 <= len(code.strip().splitlines()) <= 30
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    from peft import get_peft_model_state_dict
+    states, w, model = ns["states"], ns["w"], ns["model"]
+    got = get_peft_model_state_dict(model)
+    assert got.keys() == states[0].keys()
+    for k in got:
+        if k.endswith("lora_A.weight") or ".head." in k or k.endswith(("head.weight", "head.bias")):
+            # LoRA-FAIR keeps A_bar; the head is FedAvg'd
+            torch.testing.assert_close(got[k], sum(p * s[k] for p, s in zip(w.tolist(), states)))
+    layer = next(k for k in got if k.endswith("lora_B.weight"))
+    A = torch.stack([s[layer.replace("lora_B", "lora_A")] for s in states]).double()
+    B = torch.stack([s[layer] for s in states]).double()
+    cos = lambda X, Y: (X * Y).sum() / (X.norm() * Y.norm())           # noqa: E731
+    dW = dense_dW(A, B, w)
+    fair = cos(dW, got[layer].double() @ avg(A, w))
+    assert fair >= cos(dW, avg(B, w) @ avg(A, w)) - 1e-9            # the residual only raises the cosine
+
+
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_peft_clients_aggregated_and_loaded_back(method):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    base = VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_classes=5)
+    W0 = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=6, target_modules=["attn.proj", "mlp.fc2"],
+                                            modules_to_save=["head"]))
+    template = get_peft_model_state_dict(model)
+    g = torch.Generator().manual_seed(1)
+    states = [{k: torch.randn(v.shape, generator=g) for k, v in template.items()} for _ in range(3)]
+    shared = "lora_A" if method in ("ffa", "rolora") else None       # ffa, rolora (phase 'B'): one frozen A
+    for s in states[1:]:
+        for k in s:
+            if shared and shared in k:
+                s[k] = states[0][k].clone()
+    w = [0.2, 0.3, 0.5]
+    out = aggregate_states(states, w, method, **({"phase": "B"} if method == "rolora" else
+                                                 {"steps": 50} if method == "lorafair" else {}))
+    assert set(out.state) <= set(template)
+    result = set_peft_model_state_dict(model, out.state)
+    assert not result.unexpected_keys
+    back = get_peft_model_state_dict(model)
+    for k, v in out.state.items():
+        assert torch.equal(back[k], v)
+    scaling = 6 / 2
+    for layer, dw in out.delta_w.items():                             # the caller's fold, as README shows
+        model.get_submodule(layer).base_layer.weight.data += scaling * dw
+    if method == "flora":
+        for k in back:
+            if "lora_B" in k:
+                model.get_submodule(k.rsplit(".lora_B", 1)[0]).lora_B["default"].weight.data.zero_()
+    if method in ("flora", "fedex"):                                  # exact: W0 + s dW in every layer
+        for layer in out.delta_w:
+            A = torch.stack([s[layer + ".lora_A.weight"] for s in states])
+            B = torch.stack([s[layer + ".lora_B.weight"] for s in states])
+            m = model.get_submodule(layer)
+            eff = m.base_layer.weight + scaling * (m.lora_B["default"].weight @ m.lora_A["default"].weight)
+            name = layer[len("base_model.model."):] + ".weight"
+            want = W0[name] + scaling * dense_dW(A.double(), B.double(), torch.tensor(w, dtype=torch.float64))
+            torch.testing.assert_close(eff.double(), want, rtol=1e-5, atol=1e-5)

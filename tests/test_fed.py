@@ -228,3 +228,24 @@ def test_unreadable_training_images_are_counted_once_per_domain(tmp_path, centra
     again = image_federation(tmp_path / "again", centralised=centralised)
     again.load_state_tensors(fed.state_tensors(), 0)                  # carried by checkpoints
     assert again.unreadable_train == fed.unreadable_train
+
+
+def test_fedsa_local_head_is_kept_and_scored_per_client():
+    fed = federation("fedsa", local_head=True)
+    fed.run_round()
+    heads = [{k: v for k, v in c.state.items() if k.startswith("head.")} for c in fed.clients]
+    assert all(set(h) == {"head.weight", "head.bias"} for h in heads)
+    assert not torch.equal(heads[0]["head.weight"], heads[1]["head.weight"])
+    glob = trainable_state(fed.model)                      # the global head is the FedAvg of the clients'
+    n = torch.tensor([c.n for c in fed.clients], dtype=torch.float64)
+    mean = sum(p * h["head.weight"] for p, h in zip((n / n.sum()).tolist(), heads))
+    torch.testing.assert_close(glob["head.weight"], mean)
+    acc = fed.evaluate()
+    for d, c in enumerate(fed.clients):                    # one client per domain: scored with its own B and head
+        fed.start_client(c, glob)
+        own, _ = fed.accuracy(fed.domains[d].test)
+        assert acc[fed.domains[d].name] == own
+        assert torch.equal(dict(fed.model.named_parameters())["head.bias"], heads[d]["head.bias"])
+    shared = federation("fedsa")
+    shared.run_round()
+    assert all(not any(k.startswith("head.") for k in c.state) for c in shared.clients)

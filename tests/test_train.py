@@ -47,7 +47,7 @@ def test_one_round_of_every_method(tmp_path, method):
     assert any(k.endswith("lora_A.weight") for k in final) and "global/head.weight" in final
 
 
-@pytest.mark.parametrize("method", ["lorafair", "fedsa", "flora", "fedit --client-init fresh",
+@pytest.mark.parametrize("method", ["lorafair", "fedsa", "fedsa --local-head", "flora", "fedit --client-init fresh",
                                     "fedit --client-init local"])
 def test_resume_equals_unbroken_run(tmp_path, method):
     m = ["--method", *method.split()]
@@ -88,6 +88,7 @@ def test_domainnet_tree_end_to_end(tmp_path):
     (["--rank", "0"], "--rank must be > 0"),
     (["--rank", "1000"], "rank r = 1000"),
     (["--lr", "0"], "--lr must be > 0"),
+    (["--local-head"], "--local-head applies to --method fedsa (its clients keep their own B), not lorafair"),
     (["--clients-per-domain", "5"], "too few for 5 clients"),
     (["--model", "vit_tiny_patch16_224", "--pretrained"], "pass --checkpoint PATH"),
     (["--checkpoint", "/nonexistent.pth"], "does not exist"),
@@ -457,3 +458,51 @@ def test_bad_data_is_one_line_exit_2_before_any_model(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and message.format(root=root) in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- outputs other tools read
+
+def project_model(args, out):
+    """The run's final global model rebuilt the project's way: backbone, LoRA, final.safetensors."""
+    from lora import fold_into_base, lora_layers, load_lora_state
+    from train import build_model, check_weights
+    model, _ = build_model(args, check_weights(args))
+    final = load_file(out / "final.safetensors")
+    load_lora_state(model, {k[len("global/"):]: v for k, v in final.items() if k.startswith("global/")})
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for k, v in final.items():
+            if k.startswith("base/"):
+                layers[k[len("base/"):]][1].weight.copy_(v)
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["lorafair", "fedex"])
+def test_run_exports_a_peft_adapter_and_a_merged_timm_checkpoint(tmp_path, method):
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    save_file(source_vit().state_dict(), tmp_path / "backbone.safetensors")
+    extra = ["--checkpoint", str(tmp_path / "backbone.safetensors"), "--lora-targets", "attn.qkv,attn.proj,mlp.fc2",
+             "--method", method, "--rounds", "2"]
+    out = tmp_path / "run"
+    assert main([*TINY, *extra, "--out", str(out)]) == 0
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        ours = project_model(args_for(*extra), out)(x)
+        merged = shapes_vit(10)                          # a bare timm ViT takes merged.safetensors as it is
+        merged.load_state_dict(load_file(out / "merged.safetensors"))
+        torch.testing.assert_close(merged.eval()(x), ours, rtol=1e-5, atol=1e-5 * ours.abs().max().item())
+        base = shapes_vit(10)                            # the same backbone weights, as a PEFT user has them
+        base.load_state_dict({k: v for k, v in source_vit().state_dict().items() if not k.startswith("head.")},
+                             strict=False)
+        peft = PeftModel.from_pretrained(base, str(out / "adapter")).eval()
+        config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == [f"blocks.{i}.{m}" for i in range(4) for m in ("attn.qkv", "attn.proj", "mlp.fc2")]
+    assert config["rank_pattern"]["blocks.0.attn.qkv"] == 4 and config["alpha_pattern"]["blocks.0.attn.qkv"] == 16
+    assert config["r"] == 2 and config["lora_alpha"] == 8 and config["modules_to_save"] == ["head"]
+    if method == "lorafair":     # the adapter alone carries the trained model
+        torch.testing.assert_close(peft(x), ours, rtol=1e-5, atol=1e-5 * ours.abs().max().item())
+        assert not (out / "adapter" / "NOTE.txt").exists()
+    else:                        # fedex folded residuals into W0: the adapter says so, merged.safetensors has them
+        assert "merged.safetensors" in (out / "adapter" / "NOTE.txt").read_text()
+        assert (peft(x) - ours).abs().max() > 1e-4
