@@ -30,7 +30,6 @@ This file depends on torch and the standard library only, so it can be copied al
 from __future__ import annotations
 
 import math
-import re
 from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -486,18 +485,26 @@ class StateUpdate(NamedTuple):
     rel_err: dict[str, float]   # layer prefix -> ||dW - dW_applied|| / ||dW||
 
 
-# `<prefix>.lora_A.weight` (this project, PEFT's saved adapter files) or `<prefix>.lora_A.<adapter>.weight`
-# (a live PEFT model's state_dict(), e.g. adapter 'default')
-LORA_KEY = re.compile(r"^(?P<prefix>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
+def _lora_key(key: str) -> Optional[tuple[str, str, Optional[str]]]:
+    """(layer prefix, 'A' or 'B', adapter name or None) of `<prefix>.lora_A.weight` (this project,
+    PEFT's saved adapter files) or `<prefix>.lora_A.<adapter>.weight` (a live PEFT model's
+    state_dict(), e.g. adapter 'default'); None for any other key."""
+    parts = key.split(".")
+    if parts[-1] != "weight":
+        return None
+    for i in (-2, -3):
+        if len(parts) > -i and parts[i] in ("lora_A", "lora_B"):
+            return ".".join(parts[:i]), parts[i][-1], parts[-2] if i == -3 else None
+    return None
 
 
 def lora_pairs(keys: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """Layer prefix -> (key of A, key of B), in any of the key forms LORA_KEY accepts."""
+    """Layer prefix -> (key of A, key of B), in either key form `_lora_key` reads."""
     found: dict[tuple[str, Optional[str]], dict[str, str]] = {}
     for key in keys:
-        m = LORA_KEY.match(key)
+        m = _lora_key(key)
         if m:
-            found.setdefault((m["prefix"], m["adapter"]), {})[m["factor"]] = key
+            found.setdefault((m[0], m[2]), {})[m[1]] = key
     pairs: dict[str, tuple[str, str]] = {}
     for (prefix, adapter), f in found.items():
         if set(f) != {"A", "B"}:
