@@ -24,7 +24,7 @@ import torch
 from data import load_shapes, partition
 from fed import Client, FedConfig, Federation
 from lora import inject_lora
-from train import shapes_vit
+from backbone import shapes_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -123,7 +123,7 @@ sys.path.insert(0, {root!r})
 from data import load_shapes, partition
 from fed import Client, FedConfig, Federation
 from lora import inject_lora
-from train import shapes_vit
+from backbone import shapes_vit
 torch.manual_seed(0)
 model = inject_lora(shapes_vit(10), ["attn.proj", "mlp.fc2"], r=16, alpha=32)
 doms = load_shapes(None, 600, 50)

@@ -6,7 +6,7 @@ from aggregators import AGGREGATORS
 from data import DataError, load_shapes, partition
 from fed import Client, FedConfig, Federation
 from lora import inject_lora, lora_layers, lora_state, trainable_state
-from train import shapes_vit
+from backbone import shapes_vit
 
 
 def federation(method, per_domain=1, **kw):

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from aggregators import AGGREGATORS
 from tests import layouts
-from train import main, pretrained_shapes_backbone, shapes_vit
+from backbone import pretrained_shapes_backbone, shapes_vit
+from train import main
 
 TINY = ["--no-pretrained", "--domains", "clipart,sketch", "--n-train", "24", "--n-test", "10",
         "--batch-size", "8", "--local-steps", "2", "--rank", "2", "--fair-steps", "10", "--no-progress",
@@ -209,7 +210,7 @@ def save_as(fmt, model, tmp_path):
 
 @pytest.mark.parametrize("fmt", ["safetensors", "ddp-pth", "timm-train", "hf-folder", "npz"])
 def test_checkpoint_formats_load_through_timm(tmp_path, fmt):
-    from train import build_model, check_weights
+    from backbone import build_model, check_weights
     src = source_vit()
     path = save_as(fmt, src, tmp_path)
     args = args_for("--checkpoint", str(path))
@@ -230,7 +231,7 @@ def test_checkpoint_formats_load_through_timm(tmp_path, fmt):
 
 def test_checkpoint_position_embedding_is_resized_by_timm(tmp_path):
     from timm.layers import resample_abs_pos_embed
-    from train import build_model, check_weights
+    from backbone import build_model, check_weights
     src = source_vit(img_size=48)                                          # 12 x 12 patches, the model has 8 x 8
     path = save_as("safetensors", src, tmp_path)
     args = args_for("--checkpoint", str(path))
@@ -278,7 +279,7 @@ def test_checkpoint_that_cannot_fit_is_one_line_and_nothing_written(tmp_path, ca
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    monkeypatch.setattr("train.pretrained_shapes_backbone", lambda **kw: pytest.fail("built the model"))
+    monkeypatch.setattr("backbone.pretrained_shapes_backbone", lambda **kw: pytest.fail("built the model"))
     rc = main([*TINY, "--rounds", "1", "--checkpoint", str(path), "--out", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: --checkpoint {path}") and message in err[0], err
@@ -328,7 +329,7 @@ def test_pretrained_weights_in_the_hub_cache_load_offline(tmp_path, offline):
     out = tmp_path / "run"
     assert main([*[a for a in TINY if a != "--no-pretrained"], "--model", "test_vit.r160_in1k", "--rounds", "1",
                  "--out", str(out), "--method", "fedit"]) == 0
-    from train import build_model, check_weights
+    from backbone import build_model, check_weights
     args = args_for("--model", "test_vit.r160_in1k", "--pretrained")
     kind, state, path = check_weights(args)
     assert kind == "file" and path.startswith(str(offline)) and path.endswith("model.safetensors")
@@ -350,7 +351,7 @@ def test_pretrained_weights_not_cached_offline_fail_fast(tmp_path, offline, caps
 
 def test_hub_probe_fails_fast_on_an_unreachable_endpoint(monkeypatch):
     import huggingface_hub.constants as hf
-    from train import hub_reachable
+    from backbone import hub_reachable
     with socket_server() as port:
         monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(hf, "ENDPOINT", f"http://127.0.0.1:{port}")
@@ -464,8 +465,8 @@ def test_bad_data_is_one_line_exit_2_before_any_model(tmp_path, capsys, monkeypa
 
 def project_model(args, out):
     """The run's final global model rebuilt the project's way: backbone, LoRA, final.safetensors."""
-    from lora import fold_into_base, lora_layers, load_lora_state
-    from train import build_model, check_weights
+    from lora import lora_layers, load_lora_state
+    from backbone import build_model, check_weights
     model, _ = build_model(args, check_weights(args))
     final = load_file(out / "final.safetensors")
     load_lora_state(model, {k[len("global/"):]: v for k, v in final.items() if k.startswith("global/")})
