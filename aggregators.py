@@ -8,6 +8,13 @@ Every method has the same contract, per LoRA layer (leading dims batch same-shap
     B: (..., K, d_out, r)  their up-projections B_k
     w: (K,)                client weights p_k = n_k / sum_j n_j (finite, >= 0, summing to 1)
 
+Heterogeneous ranks: every method takes `ranks` (K ints, None: all equal). Client k's factors are
+then zero-padded to the common width R (A_k: its r_k leading rows of (R, d_in), B_k: its r_k leading
+columns of (d_out, R)); padding that is not zero is refused. The global adapter comes back at rank
+R and client k continues from its leading r_k rows / columns. A zero row of A_k or column of B_k
+adds nothing to B_k A_k, so dW is the same with or without the padding; each method's docstring
+says what the padding means for it. With equal ranks nothing changes.
+
 Any floating dtype: w is checked and renormalised in float64 so that it sums to one exactly (FedEx's
 residual and every average rely on it), half-precision factors are aggregated in float32, and the
 Update comes back in the inputs' dtype.
@@ -117,8 +124,40 @@ def _cast(update: Update, dtype: torch.dtype) -> Update:
     return Update(*(None if x is None else x.to(dtype) for x in update))
 
 
-def _shared(X: Tensor, tol: float, layer: Names, what: str) -> Tensor:
-    """Check the clients' copies of a factor that must be shared are identical; return one copy."""
+def _padding(A: Tensor, B: Tensor, ranks, layer: Names) -> Optional[Tensor]:
+    """Check per-client ranks of zero-padded factors; return them as a (K,) tensor (None: all R)."""
+    if ranks is None:
+        return None
+    K, R = A.shape[-3], A.shape[-2]
+    r = torch.as_tensor(ranks)
+    if r.dim() != 1 or r.numel() != K or r.is_floating_point() or r.dtype == torch.bool:
+        raise ValueError(f"{_name(layer, -1)}: ranks must be {K} integers, one per client, got {ranks!r}")
+    if (r < 1).any() or (r > R).any():
+        raise ValueError(f"{_name(layer, -1)}: ranks must be in 1..R = {R} (the factors' padded width), "
+                         f"got {r.tolist()}")
+    pad = torch.arange(R, device=A.device) >= r.to(A.device)[:, None]         # (K, R): beyond r_k
+    for name, X, dim, part in (("A", A, -1, "row"), ("B", B, -2, "column")):
+        extra = X.abs().amax(dim).reshape(-1, K, R).amax(0) * pad              # (K, R)
+        if (extra > 0).any():
+            k, i = (int(j) for j in (extra > 0).nonzero()[0])
+            raise ValueError(f"{_name(layer, -1)}: client {k}'s {name} is not zero beyond its rank r_k = "
+                             f"{int(r[k])} ({part} {i}); zero-pad each client's factors to R")
+    return r
+
+
+def _shared(X: Tensor, tol: float, layer: Names, what: str, ranks: Optional[Tensor] = None,
+            columns: bool = False) -> Tensor:
+    """Check the clients' copies of a factor that must be shared are identical; return one copy.
+
+    With ranks, each client holds only its leading r_k rows (columns for B): those must agree
+    with the copy of the client of largest rank, which is returned whole (rank R, zeros beyond
+    the largest rank), never averaged with the others' zero padding."""
+    if ranks is not None:
+        ref = int(ranks.argmax())
+        R = X.shape[-1] if columns else X.shape[-2]
+        keep = (torch.arange(R, device=X.device) < ranks.to(X.device)[:, None]).to(X.dtype)   # (K, R)
+        keep = keep[:, None, :] if columns else keep[:, :, None]
+        X = X[..., ref:ref + 1, :, :] * (1 - keep) + X * keep      # each client's copy, filled in from ref
     X0 = X[..., 0, :, :]                                                      # (..., m, n)
     lead = X.shape[:-3]
     spread = (X.amax(-3) - X.amin(-3)).flatten(-2).amax(-1).reshape(-1)      # (L,): no (K, m, n) temporary
@@ -152,47 +191,54 @@ def stacked_factors(A: Tensor, B: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
 
 # ----------------------------------------------------------------------------- the methods
 
-def fedit(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
+def fedit(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer") -> Update:
     """FedIT: average the factors separately, A_bar = sum p_k A_k and B_bar = sum p_k B_k.
 
     Clients continue from (A_bar, B_bar). Biased: B_bar A_bar != dW = sum p_k B_k A_k (Eq. 6),
-    because a product does not distribute over sums.
+    because a product does not distribute over sums. Heterogeneous ranks: zero-padded averages.
     """
     A, B, w, dtype = _check(A, B, w, layer)
+    _padding(A, B, ranks, layer)
     return _cast(Update(weighted_mean(A, w), weighted_mean(B, w), None), dtype)
 
 
-def ffa(A: Tensor, B: Tensor, w, *, layer: Names = "layer", tol: float = 0.0) -> Update:
+def ffa(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", tol: float = 0.0) -> Update:
     """FFA-LoRA: A is frozen at one shared initialisation; only B is trained and averaged.
 
     Exact, since B_bar A = sum p_k B_k A. The clients' A must really be identical (up to `tol`,
-    relative to max |A|); otherwise the average would be silently biased.
+    relative to max |A|); otherwise the average would be silently biased. Heterogeneous ranks:
+    client k holds the leading r_k rows of the shared A, which passes through at rank R unchanged
+    (averaging it with the zero padding would shrink rows and miss dW); B is the zero-padded average.
     """
     A, B, w, dtype = _check(A, B, w, layer)
-    A0 = _shared(A, tol, layer, "ffa needs one frozen A shared by every client (freeze it at one init)")
+    r = _padding(A, B, ranks, layer)
+    A0 = _shared(A, tol, layer, "ffa needs one frozen A shared by every client (freeze it at one init)", r)
     return _cast(Update(A0, weighted_mean(B, w), None), dtype)
 
 
-def flora(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
+def flora(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer") -> Update:
     """FLoRA: stack the clients' modules, [p_1 B_1 ... p_K B_K] @ [A_1; ...; A_K] = dW exactly.
 
     dW is folded into the frozen weight (delta_w = dW) and every client re-initialises its LoRA
-    (A random, B = 0) next round, so A and B are None.
+    (A random, B = 0) next round, so A and B are None. Exact for any ranks (padding adds zeros).
     """
     A, B, w, dtype = _check(A, B, w, layer)
+    _padding(A, B, ranks, layer)
     U, V = stacked_factors(A, B, w)
     return _cast(Update(None, None, U @ V), dtype)                            # (..., d_out, d_in)
 
 
-def flexlora(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
+def flexlora(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer") -> Update:
     """FlexLoRA: truncated rank-r SVD of dW, handed back as B = U_r diag(S_r), A = V_r^T.
 
     B A is the best rank-r approximation of dW (Eckart-Young). Computed on the factors:
     U = Q_u R_u, V^T = Q_v R_v (QR), SVD of the small core R_u R_v^T = P S Q^T, then
     dW = (Q_u P) S (Q_v Q)^T is already an SVD of dW, at O((d_out + d_in) (K r)^2) instead of a
-    dense SVD of d_out x d_in.
+    dense SVD of d_out x d_in. Heterogeneous ranks: rank R, components sorted by singular value,
+    so client k's truncation to r_k is the best rank-r_k approximation of dW.
     """
     A, B, w, dtype = _check(A, B, w, layer)
+    _padding(A, B, ranks, layer)
     r = A.shape[-2]
     U, V = stacked_factors(A, B, w)                 # U: (..., d_out, K r)  V: (..., K r, d_in)
     Qu, Ru = torch.linalg.qr(U)                     # Qu: (..., d_out, m1)  Ru: (..., m1, K r)
@@ -203,13 +249,15 @@ def flexlora(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
     return _cast(Update(A_new, B_new, None), dtype)
 
 
-def fedex(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
+def fedex(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer") -> Update:
     """FedEx-LoRA: FedIT's (A_bar, B_bar) plus the exact residual delta_w = dW - B_bar A_bar.
 
     The residual goes into the frozen weight, so W0 + delta_w + B_bar A_bar = W0 + dW exactly.
-    It is the clients' weighted covariance of the factors, computed as such below.
+    It is the clients' weighted covariance of the factors, computed as such below. Heterogeneous
+    ranks: zero-padded averages, and the residual keeps the sum exact.
     """
     A, B, w, dtype = _check(A, B, w, layer)
+    _padding(A, B, ranks, layer)
     A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)
     # dW - B_bar A_bar = sum_k p_k (B_k - B_bar)(A_k - A_bar) (as sum_k p_k = 1): one product of
     # inner size K r, the same cost as FLoRA's, with the centred factors
@@ -217,26 +265,30 @@ def fedex(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
     return _cast(Update(A_bar, B_bar, U @ V), dtype)                          # (..., d_out, d_in)
 
 
-def fedsa(A: Tensor, B: Tensor, w, *, layer: Names = "layer") -> Update:
-    """FedSA-LoRA: share A only. A_bar = sum p_k A_k; each client keeps its own B_k (B is None)."""
+def fedsa(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer") -> Update:
+    """FedSA-LoRA: share A only. A_bar = sum p_k A_k (zero-padded with heterogeneous ranks); each
+    client keeps its own B_k (B is None)."""
     A, B, w, dtype = _check(A, B, w, layer)
+    _padding(A, B, ranks, layer)
     return _cast(Update(weighted_mean(A, w), None, None), dtype)
 
 
-def rolora(A: Tensor, B: Tensor, w, *, phase: str, layer: Names = "layer", tol: float = 0.0) -> Update:
+def rolora(A: Tensor, B: Tensor, w, *, phase: str, ranks=None, layer: Names = "layer", tol: float = 0.0) -> Update:
     """RoLoRA: clients alternate which factor they train; only that one is averaged.
 
     phase='A': A_bar = sum p_k A_k with B shared (identical on all clients, passed through);
     phase='B': B_bar = sum p_k B_k with A shared. Either way the product is exact:
-    B A_bar = sum p_k B A_k and B_bar A = sum p_k B_k A.
+    B A_bar = sum p_k B A_k and B_bar A = sum p_k B_k A. Heterogeneous ranks: the frozen factor
+    passes through at rank R as ffa's A does; the trained one is the zero-padded average.
     """
     A, B, w, dtype = _check(A, B, w, layer)
+    r = _padding(A, B, ranks, layer)
     if phase not in ("A", "B"):
         raise ValueError(f"{_name(layer, -1)}: rolora phase must be 'A' or 'B', got {phase!r}")
     if phase == "A":
-        B0 = _shared(B, tol, layer, "rolora phase 'A' needs one B shared by every client")
+        B0 = _shared(B, tol, layer, "rolora phase 'A' needs one B shared by every client", r, columns=True)
         return _cast(Update(weighted_mean(A, w), B0, None), dtype)
-    A0 = _shared(A, tol, layer, "rolora phase 'B' needs one A shared by every client")
+    A0 = _shared(A, tol, layer, "rolora phase 'B' needs one A shared by every client", r)
     return _cast(Update(A0, weighted_mean(B, w), None), dtype)
 
 
@@ -352,7 +404,7 @@ def _fair_inputs(A: Tensor, B: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tenso
     return A_bar, B_bar, U, V
 
 
-def lorafair(A: Tensor, B: Tensor, w, *, layer: Names = "layer", steps: int = 1000, lr: float = 0.01,
+def lorafair(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", steps: int = 1000, lr: float = 0.01,
              lam: float = 0.01, init: str = "zeros", similarity: str = "flat", correct: str = "B",
              eps: float = 1e-8, seed: int = 0) -> Update:
     """LoRA-FAIR: (A_bar, B_bar + dB), with the residual dB of Eq. 8,
@@ -373,8 +425,12 @@ def lorafair(A: Tensor, B: Tensor, w, *, layer: Names = "layer", steps: int = 10
     refined B ends further from dW than B_bar (see README); from zero, dB only moves where the
     cosine pulls. similarity='flat' is Eq. 8 as written; 'column' is the derived code's mean of
     per-column cosines.
+
+    Heterogeneous ranks: B_bar is refined on the zero-padded factors (as LoRA-FAIR-derived public
+    code does) at rank R, and each client takes its truncation.
     """
     A, B, w, dtype = _check(A, B, w, layer)
+    _padding(A, B, ranks, layer)
     _check_fair_options(steps, lr, lam, init, correct)
     A_bar, B_bar, U, V = _fair_inputs(A, B, w)
     start = (lambda X, s: torch.zeros_like(X)) if init == "zeros" else _xavier
@@ -401,9 +457,84 @@ def lorafair(A: Tensor, B: Tensor, w, *, layer: Names = "layer", steps: int = 10
     return _cast(Update(A_new, B_new, None), dtype)
 
 
+# ----------------------------------------------------------------------------- built for heterogeneous ranks
+
+def _rank_mask(ranks: Optional[Tensor], K: int, R: int, like: Tensor) -> Tensor:
+    """(K, R): 1 where client k has rank slot i (i < r_k), else 0."""
+    if ranks is None:
+        return torch.ones(K, R, dtype=like.dtype, device=like.device)
+    return (torch.arange(R, device=like.device) < ranks.to(like.device)[:, None]).to(like.dtype)
+
+
+def hetlora(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", use_p: bool = False) -> Update:
+    """HetLoRA (Cho et al., EMNLP 2024), sparsity-weighted aggregation of zero-padded factors:
+
+        omega_k = ||B_k A_k||_F / sum_j ||B_j A_j||_F   (per layer; use_p: p_k ||B_k A_k||_F, renormalised)
+        A_glob = sum_k omega_k A_k,  B_glob = sum_k omega_k B_k
+
+    as the public implementations weight it (by the norm of each client's update, not by n_k).
+    Client k continues from the leading r_k rows / columns (its truncation). A layer where every
+    update is zero (e.g. B = 0 at the start) falls back to p_k.
+    """
+    A, B, w, dtype = _check(A, B, w, layer)
+    _padding(A, B, ranks, layer)
+    norms = ((B.mT @ B) * (A @ A.mT)).sum((-2, -1)).clamp_min(0).sqrt()        # ||B_k A_k||_F: (..., K)
+    omega = norms * w if use_p else norms
+    total = omega.sum(-1, keepdim=True)
+    omega = torch.where(total > 0, omega / total.clamp_min(torch.finfo(omega.dtype).tiny), w)   # (..., K)
+    mean = lambda X: (omega[..., None, None] * X).sum(-3)                       # noqa: E731
+    return _cast(Update(mean(A), mean(B), None), dtype)
+
+
+def rbla(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer") -> Update:
+    """RBLA, rank-based LoRA aggregation (arXiv 2408.08699): rank slot i (row i of A, column i
+    of B) is averaged over only the clients that have it, their weights renormalised:
+
+        A_glob[i] = sum_{k: r_k > i} p_k A_k[i] / sum_{k: r_k > i} p_k   (B's columns alike)
+
+    so a slot few clients train is not diluted by the others' zero padding. A slot no client has
+    stays zero. With equal ranks it is FedIT.
+    """
+    A, B, w, dtype = _check(A, B, w, layer)
+    r = _padding(A, B, ranks, layer)
+    K, R = A.shape[-3], A.shape[-2]
+    P = w[:, None] * _rank_mask(r, K, R, w)                                     # (K, R)
+    P = P / P.sum(0).clamp_min(torch.finfo(P.dtype).tiny)                       # per slot, over its clients
+    A_glob = torch.einsum("kr,...krd->...rd", P, A)                              # (..., R, d_in)
+    B_glob = torch.einsum("kr,...kor->...or", P, B)                              # (..., d_out, R)
+    return _cast(Update(A_glob, B_glob, None), dtype)
+
+
+def florist(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", tau: float = 0.9) -> Update:
+    """FLoRIST (arXiv 2506.09199): a truncated SVD of dW = sum_k p_k B_k A_k that keeps the fewest
+    components m whose share of the energy sum_j sigma_j^2 reaches tau:
+
+        m = min{m : sum_{j<m} sigma_j^2 >= tau sum_j sigma_j^2},  B = U_m S_m,  A = V_m^T
+
+    computed through the small core like flexlora, and zero-padded to the factors' width R. m is
+    capped at R so that every client can take its truncation (the authors' code does not cap it).
+    """
+    A, B, w, dtype = _check(A, B, w, layer)
+    _padding(A, B, ranks, layer)
+    if not 0 < tau <= 1:
+        raise ValueError(f"{_name(layer, -1)}: florist tau must be in (0, 1], got {tau!r}")
+    R = A.shape[-2]
+    U, V = stacked_factors(A, B, w)                 # U: (..., d_out, K R)  V: (..., K R, d_in)
+    Qu, Ru = torch.linalg.qr(U)
+    Qv, Rv = torch.linalg.qr(V.mT)
+    P, S, Qh = torch.linalg.svd(Ru @ Rv.mT, full_matrices=False)               # S: (..., n), descending
+    energy = S.square().cumsum(-1) / S.square().sum(-1, keepdim=True).clamp_min(torch.finfo(S.dtype).tiny)
+    m = ((energy < tau * (1 - 4 * torch.finfo(S.dtype).eps)).sum(-1) + 1).clamp(max=R)   # (...,)
+    keep = (torch.arange(R, device=S.device) < m[..., None]).to(S.dtype)        # (..., R)
+    B_new = (Qu @ P[..., :R]) * (S[..., :R] * keep)[..., None, :]               # (..., d_out, R)
+    A_new = (Qh[..., :R, :] @ Qv.mT) * keep[..., :, None]                       # (..., R, d_in)
+    return _cast(Update(A_new, B_new, None), dtype)
+
+
 AGGREGATORS: dict[str, Callable[..., Update]] = {
     "fedit": fedit, "ffa": ffa, "flora": flora, "flexlora": flexlora,
     "fedex": fedex, "fedsa": fedsa, "rolora": rolora, "lorafair": lorafair,
+    "hetlora": hetlora, "rbla": rbla, "florist": florist,
 }
 
 
@@ -457,7 +588,7 @@ def _merged_path(options: Mapping) -> bool:
 def _lorafair_merged(stacks: list, options: Mapping) -> list[Update]:
     """lorafair over several shape groups with one SGD loop per (d_out, r) instead of one per group:
     the same steps per layer (layers are independent terms of the summed loss), fewer launches."""
-    unknown = set(options) - {"steps", "lr", "lam", "init", "similarity", "correct", "eps", "seed"}
+    unknown = set(options) - {"steps", "lr", "lam", "init", "similarity", "correct", "eps", "seed", "ranks"}
     if unknown:
         raise TypeError(f"lorafair got unexpected options {sorted(unknown)}")
     steps, lr, lam, eps = (options.get(k, d) for k, d in (("steps", 1000), ("lr", 0.01), ("lam", 0.01),
@@ -466,6 +597,7 @@ def _lorafair_merged(stacks: list, options: Mapping) -> list[Update]:
     terms, bins = [], {}
     for i, (group, A, B, wg) in enumerate(stacks):
         A, B, wg, _ = _check(A, B, wg, group)
+        _padding(A, B, options.get("ranks"), group)
         A_bar, B_bar, U, V = _fair_inputs(A, B, wg)
         terms.append((A_bar, B_bar, *_flat_terms(U, V, A_bar, eps)))
         bins.setdefault((tuple(B_bar.shape[1:]), B_bar.dtype, B_bar.device), []).append(i)

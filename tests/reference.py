@@ -58,3 +58,34 @@ def dense_flexlora(A, B, w):
     r = A.shape[-2]
     U, S, Vh = torch.linalg.svd(dense_dW(A, B, w), full_matrices=False)
     return Vh[..., :r, :], U[..., :r] * S[..., None, :r]
+
+
+def dense_hetlora(A, B, w, use_p=False):
+    """HetLoRA's norm-weighted average, each client's ||B_k A_k||_F from the dense product."""
+    norms = torch.stack([(B[..., k, :, :] @ A[..., k, :, :]).flatten(-2).norm(dim=-1) for k in range(A.shape[-3])], -1)
+    om = norms * w if use_p else norms
+    om = om / om.sum(-1, keepdim=True)
+    return (sum(om[..., k, None, None] * A[..., k, :, :] for k in range(A.shape[-3])),
+            sum(om[..., k, None, None] * B[..., k, :, :] for k in range(A.shape[-3])))
+
+
+def dense_rbla(A, B, w, ranks):
+    """RBLA slot by slot: row i of A (column i of B) averaged over the clients with r_k > i."""
+    A_g, B_g = torch.zeros_like(A[..., 0, :, :]), torch.zeros_like(B[..., 0, :, :])
+    for i in range(A.shape[-2]):
+        who = [k for k in range(A.shape[-3]) if ranks[k] > i]
+        if who:
+            total = sum(w[k] for k in who)
+            A_g[..., i, :] = sum(w[k] * A[..., k, i, :] for k in who) / total
+            B_g[..., :, i] = sum(w[k] * B[..., k, :, i] for k in who) / total
+    return A_g, B_g
+
+
+def dense_florist(A, B, w, tau):
+    """The dense SVD of dW truncated to the fewest components holding a share tau of sum sigma^2
+    (at most R): the product B A it leads to, and m."""
+    R = A.shape[-2]
+    U, S, Vh = torch.linalg.svd(dense_dW(A, B, w), full_matrices=False)
+    share = (S ** 2).cumsum(-1) / (S ** 2).sum(-1, keepdim=True)
+    m = min(int((share < tau - 1e-12).sum()) + 1, R)
+    return (U[..., :m] * S[..., None, :m]) @ Vh[..., :m, :], m

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from aggregators import (AGGREGATORS, Update, aggregate_states, applied_update, diagnostics, fedex, fedit,
-                         fedsa, ffa, flexlora, flora, get_aggregator, lorafair, rolora)
-from tests.reference import dense_dW, dense_flexlora, dense_lorafair
+                         fedsa, ffa, flexlora, flora, florist, get_aggregator, hetlora, lorafair, rbla, rolora)
+from tests.reference import (dense_dW, dense_flexlora, dense_florist, dense_hetlora, dense_lorafair,
+                             dense_rbla)
 
 D_OUT, D_IN, R = 9, 7, 2
-OPTS = {"rolora": {"phase": "A"}, "lorafair": {"steps": 100}}
+OPTS = {"rolora": {"phase": "A"}, "lorafair": {"steps": 100}, "florist": {"tau": 1.0}}
 
 
 def clients(K=3, lead=(), r=R, d_out=D_OUT, d_in=D_IN, seed=0, method=None, device="cpu"):
@@ -43,7 +44,8 @@ def run(method, A, B, w, **kw):
 
 
 def test_registry_names():
-    assert list(AGGREGATORS) == ["fedit", "ffa", "flora", "flexlora", "fedex", "fedsa", "rolora", "lorafair"]
+    assert list(AGGREGATORS) == ["fedit", "ffa", "flora", "flexlora", "fedex", "fedsa", "rolora", "lorafair",
+                                 "hetlora", "rbla", "florist"]
     with pytest.raises(ValueError, match="unknown method 'fedavg'.*fedit"):
         get_aggregator("fedavg")
 
@@ -73,7 +75,7 @@ def test_permutation_invariance(method):
     u, v = run(method, A, B, w), run(method, A[perm], B[perm], w[perm])
     for x, y in zip(u, v):
         assert (x is None) == (y is None)
-        if x is not None and method != "flexlora":  # SVD factors are unique only up to sign
+        if x is not None and method not in ("flexlora", "florist"):  # SVD factors: unique up to sign
             torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(product(u, A, B, w), product(v, A[perm], B[perm], w[perm]), rtol=1e-9, atol=1e-9)
 
@@ -559,3 +561,136 @@ def test_peft_clients_aggregated_and_loaded_back(method):
             name = layer[len("base_model.model."):] + ".weight"
             want = W0[name] + scaling * dense_dW(A.double(), B.double(), torch.tensor(w, dtype=torch.float64))
             torch.testing.assert_close(eff.double(), want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- heterogeneous ranks
+
+RANKS = [1, 3, 2, 4]
+
+
+def hetero_clients(ranks=RANKS, R=4, d_out=D_OUT, d_in=D_IN, method=None, seed=0):
+    """Factors zero-padded to R: client k holds the leading ranks[k] rows of A_k, columns of B_k.
+    ffa (and rolora phase 'B'): one shared A, each client holding its leading rows of it."""
+    g = torch.Generator().manual_seed(seed)
+    K = len(ranks)
+    A = torch.randn(K, R, d_in, generator=g, dtype=torch.float64)
+    B = torch.randn(K, d_out, R, generator=g, dtype=torch.float64)
+    if method in ("ffa", "rolora"):
+        A = A[:1].expand(K, -1, -1).clone()
+    keep = (torch.arange(R) < torch.tensor(ranks)[:, None]).double()          # (K, R)
+    w = torch.rand(K, generator=g, dtype=torch.float64) + 0.1
+    return A * keep[:, :, None], B * keep[:, None, :], w / w.sum()
+
+
+def truncated(X, r, columns=False):
+    return X[..., :, :r] if columns else X[..., :r, :]
+
+
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_equal_ranks_change_nothing(method):
+    A, B, w = clients(K=3, method=method)
+    u, v = run(method, A, B, w), run(method, A, B, w, ranks=[R] * 3)
+    for x, y in zip(u, v):
+        assert (x is None and y is None) or torch.equal(x, y)
+
+
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_padding_must_be_zero_and_ranks_valid(method):
+    A, B, w = hetero_clients(method=method)
+    A[0, 2, 0] = 1.0                                   # client 0 has rank 1: row 2 is padding
+    with pytest.raises(ValueError, match=r"layer: client 0's A is not zero beyond its rank r_k = 1 \(row 2\)"):
+        run(method, A, B, w, ranks=RANKS)
+    A, B, w = hetero_clients(method=method)
+    B[2, 0, 3] = 1.0
+    with pytest.raises(ValueError, match=r"client 2's B is not zero beyond its rank r_k = 2 \(column 3\)"):
+        run(method, A, B, w, ranks=RANKS)
+    for bad, msg in (([1, 3, 2], "ranks must be 4 integers"), ([0, 3, 2, 4], "ranks must be in 1..R = 4"),
+                     ([1, 3, 2, 5], "ranks must be in 1..R = 4"), ([1.0, 3.0, 2.0, 4.0], "ranks must be 4 integers")):
+        with pytest.raises(ValueError, match=msg):
+            run(method, A * 0, B * 0, w, ranks=bad)
+
+
+@pytest.mark.parametrize("method", ["flora", "fedex"])
+def test_exact_methods_stay_exact_with_heterogeneous_ranks(method):
+    A, B, w = hetero_clients()
+    dW = sum(w[k] * truncated(B[k], r, True) @ truncated(A[k], r) for k, r in enumerate(RANKS))
+    u = run(method, A, B, w, ranks=RANKS)
+    torch.testing.assert_close(product(u, A, B, w), dW, rtol=1e-12, atol=1e-12)
+    assert u.delta_w.shape == (D_OUT, D_IN) and (u.A is None or u.A.shape == (4, D_IN))
+
+
+@pytest.mark.parametrize("phase", ["A", "B"])
+@pytest.mark.parametrize("method", ["ffa", "rolora"])
+def test_a_frozen_shared_factor_passes_through_at_rank_R(method, phase):
+    if method == "ffa" and phase == "A":
+        pytest.skip("ffa has one configuration")
+    A, B, w = hetero_clients(method=method if phase == "B" or method == "ffa" else None)
+    if method == "rolora" and phase == "A":          # B is the shared frozen factor
+        B = B[3:4].expand(4, -1, -1).clone() * (torch.arange(4) < torch.tensor(RANKS)[:, None]).double()[:, None, :]
+    kw = {"phase": phase} if method == "rolora" else {}
+    u = AGGREGATORS[method](A, B, w, ranks=RANKS, **kw)
+    dW = dense_dW(A, B, w)
+    torch.testing.assert_close(u.B @ u.A, dW, rtol=1e-12, atol=1e-12)          # exact
+    frozen, full = (u.A, A[3]) if phase == "B" else (u.B, B[3])                # client 3 has rank R = 4
+    assert torch.equal(frozen, full)
+    # averaging the frozen factor with the others' zero padding (as a public implementation does) misses dW
+    naive = u.B @ avg(A, w) if phase == "B" else avg(B, w) @ u.A
+    assert ((naive - dW).norm() / dW.norm()) > 0.1
+
+
+def test_flexlora_truncations_are_each_clients_best_approximation():
+    A, B, w = hetero_clients(R=4, d_out=12, d_in=10)
+    u = flexlora(A, B, w, ranks=RANKS)
+    U, S, Vh = torch.linalg.svd(dense_dW(A, B, w), full_matrices=False)
+    for r in sorted(set(RANKS)):
+        best = (U[:, :r] * S[:r]) @ Vh[:r]
+        torch.testing.assert_close(truncated(u.B, r, True) @ truncated(u.A, r), best, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("use_p", [False, True])
+def test_hetlora_against_the_dense_reference(use_p):
+    A, B, w = hetero_clients()
+    A, B = A.expand(2, -1, -1, -1).clone(), B.expand(2, -1, -1, -1).clone()   # two layers, one call
+    B[1] *= torch.tensor([3.0, 0.5, 1.0, 2.0], dtype=torch.float64)[:, None, None]   # other norms in layer 1
+    u = hetlora(A, B, w, ranks=RANKS, use_p=use_p)
+    A_ref, B_ref = dense_hetlora(A, B, w, use_p)
+    torch.testing.assert_close(u.A, A_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(u.B, B_ref, rtol=1e-12, atol=1e-12)
+    zero = hetlora(A, B * 0, w, ranks=RANKS)                                  # no update anywhere: p_k
+    torch.testing.assert_close(zero.A, torch.stack([avg(A[i], w) for i in range(2)]))
+
+
+def test_rbla_against_the_dense_reference_and_fedit_at_equal_ranks():
+    A, B, w = hetero_clients(ranks=[1, 3, 2, 3])                             # slot 3: no client
+    u = rbla(A, B, w, ranks=[1, 3, 2, 3])
+    A_ref, B_ref = dense_rbla(A, B, w, [1, 3, 2, 3])
+    torch.testing.assert_close(u.A, A_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(u.B, B_ref, rtol=1e-12, atol=1e-12)
+    assert u.A[3].abs().max() == 0 and u.B[:, 3].abs().max() == 0
+    assert u.A[0].abs().max() > 0.5 * A[0, 0].abs().max()                     # slot 0 not diluted by padding
+    A, B, w = clients(K=3)
+    v, f = rbla(A, B, w), fedit(A, B, w)
+    torch.testing.assert_close(v.A, f.A, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(v.B, f.B, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.9, 0.99, 1.0])
+def test_florist_keeps_the_energy_share_tau_at_most_R(tau):
+    A, B, w = hetero_clients(R=4, d_out=12, d_in=10)
+    u = florist(A, B, w, ranks=RANKS, tau=tau)
+    want, m = dense_florist(A, B, w, tau)
+    torch.testing.assert_close(u.B @ u.A, want, rtol=1e-9, atol=1e-9)
+    kept = int((u.A.norm(dim=-1) > 1e-9).sum())
+    assert kept == m and u.A.shape == (4, 10) and u.B.shape == (12, 4)
+    if tau == 1.0:                                                           # rank(dW) <= sum r_k = 10 > R: capped
+        assert m == 4
+    with pytest.raises(ValueError, match="florist tau must be in"):
+        florist(A, B, w, tau=0.0)
+
+
+def test_lorafair_refines_the_padded_average():
+    A, B, w = hetero_clients()
+    u = lorafair(A, B, w, ranks=RANKS, steps=200)
+    cos_fair, _ = diagnostics(u, A, B, w)
+    cos_fedit, _ = diagnostics(fedit(A, B, w, ranks=RANKS), A, B, w)
+    assert cos_fair > cos_fedit and torch.equal(u.A, fedit(A, B, w).A)
