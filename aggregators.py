@@ -538,6 +538,39 @@ AGGREGATORS: dict[str, Callable[..., Update]] = {
 }
 
 
+def rescaled(method: str, A: Tensor, B: Tensor, w, scales, **options) -> Update:
+    """Aggregate clients whose adapters scale differently, W = W0 + s_k B_k A_k with s_k = alpha_k / r_k
+    (unequal whenever alpha is not proportional to r, e.g. alpha = max(8, 2 r) at small ranks).
+
+    What is aggregated is what each adapter adds to the weight: s_k is folded into the factor the
+    clients train (B; A in rolora's phase 'A', whose B is shared and frozen), the method runs in
+    weight units (s = 1), and the Update is in weight units too. Client k takes that factor divided
+    by its own s_k (`client_factors`), so that s_k B A is what the server meant.
+    """
+    s = torch.as_tensor(scales, dtype=torch.float64)
+    K = A.shape[-3]
+    if s.dim() != 1 or s.numel() != K or not torch.isfinite(s).all() or (s <= 0).any():
+        raise ValueError(f"scales must be {K} finite numbers > 0 (alpha_k / r_k), got {scales!r}")
+    if method == "rolora" and options.get("phase") == "A":
+        A = A * s.to(A)[:, None, None]                                      # (..., K, R, d_in)
+    else:
+        B = B * s.to(B)[:, None, None]                                      # (..., K, d_out, R)
+    return get_aggregator(method)(A, B, w, **options)
+
+
+def client_factors(update: Update, scale: float, rank: Optional[int] = None,
+                   phase: Optional[str] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """Client k's start from a weight-unit Update (`rescaled`): its leading `rank` rows of A and
+    columns of B, the trained factor divided by its scale s_k."""
+    A, B = update.A, update.B
+    if rank is not None:
+        A = None if A is None else A[..., :rank, :]
+        B = None if B is None else B[..., :rank]
+    if phase == "A":
+        return (None if A is None else A / scale), B
+    return A, (None if B is None else B / scale)
+
+
 def get_aggregator(method: str) -> Callable[..., Update]:
     if method not in AGGREGATORS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(AGGREGATORS)}")

@@ -694,3 +694,28 @@ def test_lorafair_refines_the_padded_average():
     cos_fair, _ = diagnostics(u, A, B, w)
     cos_fedit, _ = diagnostics(fedit(A, B, w, ranks=RANKS), A, B, w)
     assert cos_fair > cos_fedit and torch.equal(u.A, fedit(A, B, w).A)
+
+
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_unequal_adapter_scalings_are_aggregated_in_weight_units(method):
+    """Four clients whose adapters add the same update to the weight, each at its own scale s_k
+    (B_k = B / s_k, or A_k = A / s_k where B is rolora's frozen factor): every method must keep that
+    update, and each client's start, at its own scale, must give the global one."""
+    from aggregators import client_factors, rescaled
+    s = torch.tensor([2.0, 4.0, 8.0, 4.0], dtype=torch.float64)           # alpha_k / r_k
+    A, B, w = clients(K=4, r=3, method="ffa")                               # one A ...
+    B = B[:1].expand(4, -1, -1).clone()                                     # ... and one B, in weight units
+    target = B[0] @ A[0]
+    opts = OPTS.get(method, {})
+    into_A = method == "rolora" and opts.get("phase") == "A"
+    A_k, B_k = (A / s[:, None, None], B) if into_A else (A, B / s[:, None, None])
+    u = rescaled(method, A_k, B_k, w, s, **opts)
+    in_weight_units = (A_k * s[:, None, None], B_k) if into_A else (A_k, B_k * s[:, None, None])
+    torch.testing.assert_close(applied_update(u, *in_weight_units, w), target, rtol=1e-9, atol=1e-9)
+    if u.A is not None and u.B is not None:
+        for k in range(4):
+            a, b = client_factors(u, s[k].item(), phase="A" if into_A else None)
+            torch.testing.assert_close(s[k] * b @ a, u.B @ u.A, rtol=1e-12, atol=1e-12)
+    if method in ("fedit", "fedex", "lorafair", "rbla", "fedsa"):          # ignoring s_k mixes units
+        naive = AGGREGATORS[method](A_k, B_k, w, **opts)
+        assert (applied_update(naive, A_k, B_k, w) - target).norm() > 0.1 * target.norm()
