@@ -274,10 +274,31 @@ class Federation:
         t_agg = time.perf_counter() - tic
         self.round += 1
         return {"round": self.round, "clients": [k for k in chosen if k not in dropped], "dropped": dropped,
+                "bytes": self.wire_bytes(uploads[0], len(uploads), phase, agg.delta_w),
                 "train_loss": sum(losses) / len(losses),
                 "cos": sum(agg.cos.values()) / len(agg.cos),
                 "rel_err": sum(agg.rel_err.values()) / len(agg.rel_err),
                 "seconds": {"train": t_train, "aggregate": t_agg}}
+
+    def wire_bytes(self, upload: dict[str, Tensor], K: int, phase: Optional[str],
+                   delta_w: dict[str, Tensor]) -> dict[str, int]:
+        """Bytes this round moves in a real deployment, summed over its K clients: 'up', what they
+        upload, and 'down', what each must receive to start the next round. A client uploads and
+        receives only what its method exchanges: FFA-LoRA's B (A is frozen and known), FedSA-LoRA's
+        A (B stays), RoLoRA's factor of the round; the head unless it is kept local. FedEx-LoRA's
+        clients also receive the dense residual they fold into W0, FLoRA's the K stacked adapters."""
+        method = self.cfg.method
+        size = lambda keys: sum(upload[k].numel() * upload[k].element_size() for k in keys)   # noqa: E731
+        head = [] if method == "fedsa" and self.cfg.local_head else self.head_keys
+        factors = {"ffa": self.b_keys, "fedsa": self.a_keys,
+                   "rolora": self.a_keys if phase == "A" else self.b_keys}.get(method, self.a_keys + self.b_keys)
+        up = size(factors + head)
+        down = size(factors + head)
+        if method == "fedex":
+            down += sum(d.numel() * d.element_size() for d in delta_w.values())
+        if method == "flora":
+            down = K * size(self.a_keys + self.b_keys) + size(head)
+        return {"up": K * up, "down": K * down}
 
     def exchange(self, results: list, m: int, like: dict[str, Tensor]) -> list:
         """all_gather every process's (k, upload, loss): one row per client, [k, loss, *flat upload].

@@ -96,13 +96,15 @@ def main(argv=None):
     domains = [k for k in results[next(iter(results))][0][-1]["acc"] if k != "mean"]
     lines = [f"{args.dataset}, {len(seeds)} seeds ({args.seeds}), top-1 % of the global model after the last round, "
              "mean ± std over seeds", "",
-             "| method | " + " | ".join(domains) + " | **mean** | cos(dW, applied) |",
-             "|---|" + "---|" * (len(domains) + 2)]
+             "| method | " + " | ".join(domains) + " | **mean** | cos(dW, applied) | MB per round (up + down) |",
+             "|---|" + "---|" * (len(domains) + 3)]
     for name, runs in results.items():
         cells = [fmt([r[-1]["acc"][d] for r in runs]) for d in domains]
         cos = statistics.mean(statistics.mean(rec["cos"] for rec in r) for r in runs)
+        wire = [(rec["bytes"]["up"] + rec["bytes"]["down"]) / 1e6 for r in runs for rec in r if "bytes" in rec]
+        mb = f"{statistics.mean(wire):.3f}" if wire else "n/a"            # runs from before the count: n/a
         lines.append(f"| {name} | " + " | ".join(cells) + f" | **{fmt([r[-1]['acc']['mean'] for r in runs])}** "
-                     f"| {cos:.4f} |")
+                     f"| {cos:.4f} | {mb} |")
     lines += ["", "Command: `python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
               "Settings: `" + " ".join(base) + "`"]
     os.makedirs(out, exist_ok=True)

@@ -249,3 +249,26 @@ def test_fedsa_local_head_is_kept_and_scored_per_client():
     shared = federation("fedsa")
     shared.run_round()
     assert all(not any(k.startswith("head.") for k in c.state) for c in shared.clients)
+
+
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_bytes_on_the_wire_per_method(method):
+    fed = federation(method, per_domain=2)                 # 6 clients, 2 LoRA layers per block, r = 2
+    rec = fed.run_round()
+    K = len(rec["clients"])
+    up0 = trainable_state(fed.model)
+    size = lambda pred: sum(v.numel() * 4 for k, v in up0.items() if pred(k))   # noqa: E731 (float32)
+    A, B = size(lambda k: "lora_A" in k), size(lambda k: "lora_B" in k)
+    head = size(lambda k: k.startswith("head."))
+    per = {"ffa": B, "fedsa": A, "rolora": B}.get(method, A + B) + head   # rolora: round 0 trains B
+    assert rec["bytes"]["up"] == K * per
+    if method == "flora":      # every client receives the K stacked adapters it folds in
+        assert rec["bytes"]["down"] == K * (K * (A + B) + head)
+    elif method == "fedex":    # and the dense residual, d_out x d_in per layer
+        residual = sum(b.weight[rows].numel() * 4 for _, b, rows in lora_layers(fed.model).values())
+        assert rec["bytes"]["down"] == K * (per + residual)
+    else:
+        assert rec["bytes"]["down"] == K * per
+    if method == "lorafair":   # the paper's claim: LoRA-FAIR moves what FedIT moves
+        fedit = federation("fedit", per_domain=2).run_round()
+        assert fedit["bytes"] == rec["bytes"]
