@@ -63,6 +63,8 @@ class Client:
     domain: int                  # index into the domains; -1: all domains' data (the centralised reference)
     indices: list[int]           # samples of that domain's train split (of their concatenation for -1)
     state: dict[str, Tensor] = field(default_factory=dict)   # adapters the client keeps (FedSA's B)
+    rank: Optional[int] = None   # its LoRA rank r_k (None: the model's rank R); it trains the leading r_k
+    scale: Optional[float] = None    # rows of A / columns of B, at its scaling s_k = alpha_k / r_k (None: the model's)
 
     @property
     def n(self) -> int:
@@ -99,6 +101,11 @@ class Federation:
         self.a_keys = [k for k in keys if k.endswith("lora_A.weight")]
         self.b_keys = [k for k in keys if k.endswith("lora_B.weight")]
         self.head_keys = [k for k in keys if k not in self.a_keys and k not in self.b_keys]
+        first = next(iter(lora_layers(model).values()), None)
+        self.R, self.scale = (first[0].r, first[0].scaling) if first else (None, None)   # global rank, s_G
+        for c in clients:
+            if c.rank is not None and not 1 <= c.rank <= self.R:
+                raise ValueError(f"client rank {c.rank} must be in 1..{self.R} (the model's LoRA rank)")
         self.unreadable_train = {d.name: set() for d in domains}   # indices into each domain's train split
         self.unreadable_test = {d.name: 0 for d in domains}         # found by the last evaluation
 
@@ -114,12 +121,42 @@ class Federation:
         for k in self.b_keys:
             params[k].requires_grad_(train_B)
 
-    def start_client(self, client: Client, glob: dict[str, Tensor]) -> None:
+    def heterogeneous(self, client: Client) -> bool:
+        return (client.rank or self.R) != self.R or (client.scale or self.scale) != self.scale
+
+    def trained(self, phase: Optional[str]) -> list[str]:
+        """The factor that carries a client's scaling (its own units): A in RoLoRA's phase 'A', else B."""
+        return self.a_keys if phase == "A" else self.b_keys
+
+    @torch.no_grad()
+    def start_client(self, client: Client, glob: dict[str, Tensor], phase: Optional[str] = None) -> None:
         """Every method starts from the global adapter and head; FedSA swaps in the client's own B,
-        client_init='local' the client's whole last adapter."""
+        client_init='local' the client's whole last adapter. A client of rank r_k takes the leading
+        r_k rows of A and columns of B, and the factor it trains divided by s_k / s_G, so that its
+        adapter, at its own scaling s_k, adds what the global one does (aggregators.client_factors)."""
         load_lora_state(self.model, glob)
+        if self.heterogeneous(client):
+            params, r = dict(self.model.named_parameters()), client.rank or self.R
+            for k in self.a_keys:
+                params[k][r:] = 0
+            for k in self.b_keys:
+                params[k][:, r:] = 0
+            for k in self.trained(phase):
+                params[k].mul_(self.scale / (client.scale or self.scale))
         if client.state:
             load_lora_state(self.model, client.state)
+        self.set_scaling(client.scale or self.scale)
+
+    def set_scaling(self, s: float) -> None:
+        for lora, _, _ in lora_layers(self.model).values():
+            lora.scaling = s
+
+    def to_global_units(self, client: Client, upload: dict[str, Tensor], phase: Optional[str]) -> dict[str, Tensor]:
+        """A client's upload with its scaling folded into the trained factor (weight units of s_G)."""
+        if not self.heterogeneous(client):
+            return upload
+        ratio = (client.scale or self.scale) / self.scale
+        return {k: v * ratio if k in self.trained(phase) else v for k, v in upload.items()}
 
     def train_set(self, client: Client):
         if client.domain < 0:
@@ -136,6 +173,13 @@ class Federation:
                             shuffle=True, generator=g, num_workers=cfg.workers, pin_memory=cuda,
                             persistent_workers=False)
         params = [p for p in model.parameters() if p.requires_grad]
+        masks = []                                                       # (param, 0/1 mask) for r_k < R
+        if client.rank is not None and client.rank < self.R:
+            named, r = dict(model.named_parameters()), client.rank
+            masks = [(named[k], (torch.arange(self.R, device=self.device) < r).to(named[k])[:, None])
+                     for k in self.a_keys if named[k].requires_grad]
+            masks += [(named[k], (torch.arange(self.R, device=self.device) < r).to(named[k])[None, :])
+                      for k in self.b_keys if named[k].requires_grad]
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         steps_per_epoch = len(loader)
         total = cfg.local_epochs * steps_per_epoch
@@ -159,6 +203,8 @@ class Federation:
                 loss = F.cross_entropy(logits.float(), y, ignore_index=-1, reduction="sum") / valid.clamp_min(1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                for p, keep in masks:                                    # rank r_k: padding stays zero
+                    p.grad.mul_(keep)
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip)
                 opt.step()
                 loss_sum += loss.detach()
@@ -222,9 +268,10 @@ class Federation:
         tic = time.perf_counter()
         results = []                                   # (k, upload, loss) of the clients this process trains
         for k in chosen[self.rank::self.world]:
-            self.start_client(self.clients[k], glob)
+            self.start_client(self.clients[k], glob, phase)
             loss = self.local_train(self.clients[k], _seed(cfg.seed, t, 2, k))
             results.append((k, trainable_state(self.model), loss))
+        self.set_scaling(self.scale)
         if self.world > 1:
             results = self.exchange(results, len(chosen), glob)
             self.share_unreadable()
@@ -240,7 +287,7 @@ class Federation:
                 self.clients[k].state = {key: up[key] for key in own}
             elif cfg.client_init == "local":
                 self.clients[k].state = {key: up[key] for key in self.a_keys + self.b_keys}
-            uploads.append(up)
+            uploads.append(self.to_global_units(self.clients[k], up, phase))
             sizes.append(self.clients[k].n)
             losses.append(loss)
         t_train = time.perf_counter() - tic
@@ -255,6 +302,9 @@ class Federation:
             options["seed"] = _seed(cfg.seed, t, 3)
         if cfg.method == "rolora":
             options["phase"] = phase
+        kept = [k for k in chosen if k not in dropped]
+        if any((self.clients[k].rank or self.R) != self.R for k in kept):
+            options["ranks"] = [self.clients[k].rank or self.R for k in kept]
         agg = aggregate_states(uploads, w, cfg.method, **options)
         new = dict(glob)
         new.update(agg.state)
@@ -274,31 +324,37 @@ class Federation:
         t_agg = time.perf_counter() - tic
         self.round += 1
         return {"round": self.round, "clients": [k for k in chosen if k not in dropped], "dropped": dropped,
-                "bytes": self.wire_bytes(uploads[0], len(uploads), phase, agg.delta_w),
+                "bytes": self.wire_bytes(uploads[0], [self.clients[k].rank or self.R for k in kept], phase,
+                                         agg.delta_w),
                 "train_loss": sum(losses) / len(losses),
                 "cos": sum(agg.cos.values()) / len(agg.cos),
                 "rel_err": sum(agg.rel_err.values()) / len(agg.rel_err),
                 "seconds": {"train": t_train, "aggregate": t_agg}}
 
-    def wire_bytes(self, upload: dict[str, Tensor], K: int, phase: Optional[str],
+    def wire_bytes(self, upload: dict[str, Tensor], ranks: list[int], phase: Optional[str],
                    delta_w: dict[str, Tensor]) -> dict[str, int]:
         """Bytes this round moves in a real deployment, summed over its K clients: 'up', what they
         upload, and 'down', what each must receive to start the next round. A client uploads and
         receives only what its method exchanges: FFA-LoRA's B (A is frozen and known), FedSA-LoRA's
         A (B stays), RoLoRA's factor of the round; the head unless it is kept local. FedEx-LoRA's
-        clients also receive the dense residual they fold into W0, FLoRA's the K stacked adapters."""
+        clients also receive the dense residual they fold into W0, FLoRA's the K stacked adapters.
+        A client of rank r_k moves r_k of the R rows of A and columns of B."""
         method = self.cfg.method
-        size = lambda keys: sum(upload[k].numel() * upload[k].element_size() for k in keys)   # noqa: E731
+        factor_keys = set(self.a_keys + self.b_keys)
+
+        def size(keys, r=self.R):
+            return sum(upload[k].numel() * upload[k].element_size() * (r / self.R if k in factor_keys else 1)
+                       for k in keys)
         head = [] if method == "fedsa" and self.cfg.local_head else self.head_keys
         factors = {"ffa": self.b_keys, "fedsa": self.a_keys,
                    "rolora": self.a_keys if phase == "A" else self.b_keys}.get(method, self.a_keys + self.b_keys)
-        up = size(factors + head)
-        down = size(factors + head)
+        up = sum(size(factors + head, r) for r in ranks)
+        down = sum(size(factors + head, r) for r in ranks)
         if method == "fedex":
-            down += sum(d.numel() * d.element_size() for d in delta_w.values())
+            down += len(ranks) * sum(d.numel() * d.element_size() for d in delta_w.values())
         if method == "flora":
-            down = K * size(self.a_keys + self.b_keys) + size(head)
-        return {"up": K * up, "down": K * down}
+            down = len(ranks) * (sum(size(self.a_keys + self.b_keys, r) for r in ranks) + size(head))
+        return {"up": int(up), "down": int(down)}
 
     def exchange(self, results: list, m: int, like: dict[str, Tensor]) -> list:
         """all_gather every process's (k, upload, loss): one row per client, [k, loss, *flat upload].
@@ -361,9 +417,11 @@ class Federation:
                 scores = []
                 for c in own:
                     load_lora_state(self.model, c.state)
+                    self.set_scaling(c.scale or self.scale)
                     a, self.unreadable_test[dom.name] = self.accuracy(dom.test)
                     scores.append(a)
                 load_lora_state(self.model, glob)
+                self.set_scaling(self.scale)
                 acc[dom.name] = sum(scores) / len(scores)
             else:
                 acc[dom.name], self.unreadable_test[dom.name] = self.accuracy(dom.test)

@@ -76,7 +76,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="local backbone weights: .safetensors, .pth/.bin/.pth.tar (timm training checkpoints too), "
                         "Google's ViT .npz, or a folder holding model.safetensors")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default max(8, 2 r))")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default max(8, 2 r), per client with --ranks)")
+    p.add_argument("--ranks", default=None,
+                   help="heterogeneous ranks: per-client LoRA ranks cycled over the clients, e.g. 4,8,16 (the global "
+                        "adapter's rank is their maximum; overrides --rank)")
     p.add_argument("--lora-dropout", type=float, default=0.1)
     p.add_argument("--lora-targets", default=None, help="comma-separated module names, e.g. attn.qkv,attn.proj")
     p.add_argument("--rounds", type=int, default=None)
@@ -115,6 +118,16 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for k, v in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    args.client_alphas = None
+    if args.ranks:
+        try:
+            ranks = [int(x) for x in args.ranks.split(",")]
+        except ValueError:
+            raise UserError(f"--ranks must be comma-separated integers such as 4,8,16, got {args.ranks!r}")
+        if min(ranks) < 1:
+            raise UserError(f"--ranks must all be >= 1, got {args.ranks}")
+        args.rank = max(ranks)
+        args.client_alphas = [args.alpha if args.alpha is not None else float(max(8, 2 * r)) for r in ranks]
     args.alpha = args.alpha if args.alpha is not None else float(max(8, 2 * args.rank))
     if args.rank <= 0:
         raise UserError(f"--rank must be > 0, got {args.rank}")
@@ -154,7 +167,12 @@ def build_data(args, listing):
     if args.centralised:
         return doms, [Client(-1, list(range(sum(len(d.train) for d in doms))))]
     parts = partition(doms, args.clients_per_domain, args.dirichlet, seed=args.seed)
-    return doms, [Client(d, idx) for d, idx in parts]
+    clients = [Client(d, idx) for d, idx in parts]
+    if args.ranks:   # client i: rank r and scaling alpha / r of the list's entry i mod its length
+        ranks = [int(x) for x in args.ranks.split(",")]
+        for i, c in enumerate(clients):
+            c.rank, c.scale = ranks[i % len(ranks)], args.client_alphas[i % len(ranks)] / ranks[i % len(ranks)]
+    return doms, clients
 
 
 # ----------------------------------------------------------------------------- run

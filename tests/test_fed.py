@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from aggregators import AGGREGATORS
+from backbone import shapes_vit
 from data import DataError, load_shapes, partition
 from fed import Client, FedConfig, Federation
 from lora import inject_lora, lora_layers, lora_state, trainable_state
-from backbone import shapes_vit
 
 
 def federation(method, per_domain=1, **kw):
@@ -272,3 +272,50 @@ def test_bytes_on_the_wire_per_method(method):
     if method == "lorafair":   # the paper's claim: LoRA-FAIR moves what FedIT moves
         fedit = federation("fedit", per_domain=2).run_round()
         assert fedit["bytes"] == rec["bytes"]
+
+
+def test_a_lower_rank_client_trains_exactly_at_its_own_rank_and_scaling():
+    """A rank-1 client (alpha 8: s = 8) inside the rank-2 global model (alpha 4: s_G = 2) trains
+    exactly what a rank-1 LoRA at scaling 8 trains from its truncation of the global adapter."""
+    fed = federation("fedit")
+    with torch.no_grad():                                 # a global adapter with a non-zero B
+        for lora, _, _ in lora_layers(fed.model).values():
+            lora.lora_B.weight.normal_(0, 0.05)
+    glob = trainable_state(fed.model)
+    client = fed.clients[0]
+    client.rank, client.scale = 1, 8.0
+    fed.start_client(client, glob)
+    fed.local_train(client, seed=5)
+    up = fed.to_global_units(client, trainable_state(fed.model), None)
+    fed.set_scaling(fed.scale)
+
+    torch.manual_seed(0)
+    small = inject_lora(shapes_vit(10), ["attn.qkv", "attn.proj"], r=1, alpha=8, seed=0)
+    start = {k: (v[:1] if "lora_A" in k else v[:, :1] * (2.0 / 8.0) if "lora_B" in k else v) for k, v in glob.items()}
+    ref = Federation(small, fed.domains, [Client(0, client.indices)], fed.cfg, torch.device("cpu"))
+    ref.start_client(ref.clients[0], start)
+    ref.local_train(ref.clients[0], seed=5)
+    got = trainable_state(small)
+    for k, v in up.items():
+        if "lora_A" in k:
+            torch.testing.assert_close(v[:1], got[k], rtol=1e-5, atol=1e-6)
+            assert v[1:].abs().max() == 0
+        elif "lora_B" in k:                                # uploaded in global units: x s_k / s_G
+            torch.testing.assert_close(v[:, :1], got[k] * (8.0 / 2.0), rtol=1e-5, atol=1e-6)
+            assert v[:, 1:].abs().max() == 0
+        else:
+            torch.testing.assert_close(v, got[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_heterogeneous_rank_rounds_keep_each_client_at_its_rank(method):
+    fed = federation(method)
+    for c, (r, s) in zip(fed.clients, [(1, 8.0), (2, 2.0), (2, 4.0)]):
+        c.rank, c.scale = r, s
+    rec = fed.run_round()
+    rec2 = fed.run_round()
+    assert rec2["round"] == 2 and -1 <= rec["cos"] <= 1 + 1e-6
+    assert all(lora.scaling == fed.scale for lora, _, _ in lora_layers(fed.model).values())
+    if method == "fedsa":                                  # the rank-1 client's own B stays rank 1
+        assert all(v[:, 1:].abs().max() == 0 for k, v in fed.clients[0].state.items() if "lora_B" in k)
+    fed.evaluate()

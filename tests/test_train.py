@@ -49,7 +49,7 @@ def test_one_round_of_every_method(tmp_path, method):
 
 
 @pytest.mark.parametrize("method", ["lorafair", "fedsa", "fedsa --local-head", "flora", "fedit --client-init fresh",
-                                    "fedit --client-init local"])
+                                    "fedit --client-init local", "fedsa --ranks 1,2", "flexlora --ranks 2,1"])
 def test_resume_equals_unbroken_run(tmp_path, method):
     m = ["--method", *method.split()]
     assert train(tmp_path, *m, "--rounds", "3", name="full") == 0
@@ -89,6 +89,8 @@ def test_domainnet_tree_end_to_end(tmp_path):
     (["--rank", "0"], "--rank must be > 0"),
     (["--rank", "1000"], "rank r = 1000"),
     (["--lr", "0"], "--lr must be > 0"),
+    (["--ranks", "4,x"], "--ranks must be comma-separated integers such as 4,8,16, got '4,x'"),
+    (["--ranks", "4,0"], "--ranks must all be >= 1"),
     (["--local-head"], "--local-head applies to --method fedsa (its clients keep their own B), not lorafair"),
     (["--clients-per-domain", "5"], "too few for 5 clients"),
     (["--model", "vit_tiny_patch16_224", "--pretrained"], "pass --checkpoint PATH"),
