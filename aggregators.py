@@ -125,7 +125,8 @@ def _cast(update: Update, dtype: torch.dtype) -> Update:
 
 
 def _padding(A: Tensor, B: Tensor, ranks, layer: Names) -> Optional[Tensor]:
-    """Check per-client ranks of zero-padded factors; return them as a (K,) tensor (None: all R)."""
+    """Check per-client ranks of zero-padded factors; return them as a (K,) tensor (None: all R).
+    Only the padding itself is read, through views (no copies)."""
     if ranks is None:
         return None
     K, R = A.shape[-3], A.shape[-2]
@@ -135,13 +136,13 @@ def _padding(A: Tensor, B: Tensor, ranks, layer: Names) -> Optional[Tensor]:
     if (r < 1).any() or (r > R).any():
         raise ValueError(f"{_name(layer, -1)}: ranks must be in 1..R = {R} (the factors' padded width), "
                          f"got {r.tolist()}")
-    pad = torch.arange(R, device=A.device) >= r.to(A.device)[:, None]         # (K, R): beyond r_k
-    for name, X, dim, part in (("A", A, -1, "row"), ("B", B, -2, "column")):
-        extra = X.abs().amax(dim).reshape(-1, K, R).amax(0) * pad              # (K, R)
-        if (extra > 0).any():
-            k, i = (int(j) for j in (extra > 0).nonzero()[0])
-            raise ValueError(f"{_name(layer, -1)}: client {k}'s {name} is not zero beyond its rank r_k = "
-                             f"{int(r[k])} ({part} {i}); zero-pad each client's factors to R")
+    for k, rank in enumerate(r.tolist()):
+        if rank == R:
+            continue
+        for name, pad, part in (("A", A[..., k, rank:, :], "row"), ("B", B[..., k, :, rank:], "column")):
+            if pad.any():
+                raise ValueError(f"{_name(layer, -1)}: client {k}'s {name} is not zero beyond its rank r_k = "
+                                 f"{rank} ({part}s {rank}..{R - 1}); zero-pad each client's factors to R")
     return r
 
 
@@ -152,21 +153,29 @@ def _shared(X: Tensor, tol: float, layer: Names, what: str, ranks: Optional[Tens
     With ranks, each client holds only its leading r_k rows (columns for B): those must agree
     with the copy of the client of largest rank, which is returned whole (rank R, zeros beyond
     the largest rank), never averaged with the others' zero padding."""
-    if ranks is not None:
-        ref = int(ranks.argmax())
-        R = X.shape[-1] if columns else X.shape[-2]
-        keep = (torch.arange(R, device=X.device) < ranks.to(X.device)[:, None]).to(X.dtype)   # (K, R)
-        keep = keep[:, None, :] if columns else keep[:, :, None]
-        X = X[..., ref:ref + 1, :, :] * (1 - keep) + X * keep      # each client's copy, filled in from ref
-    X0 = X[..., 0, :, :]                                                      # (..., m, n)
-    lead = X.shape[:-3]
-    spread = (X.amax(-3) - X.amin(-3)).flatten(-2).amax(-1).reshape(-1)      # (L,): no (K, m, n) temporary
-    scale = X0.abs().flatten(-2).amax(-1).reshape(-1)
-    bad = (spread > tol * scale).nonzero()
-    if len(bad):
-        l = int(bad[0])
-        raise ValueError(f"{_name(layer, l if lead else -1)}: {what}, but the clients' copies differ "
-                         f"by up to {spread[l].item():.3g}")
+    if ranks is None:
+        X0 = X[..., 0, :, :]                                                  # (..., m, n)
+        lead = X.shape[:-3]
+        spread = (X.amax(-3) - X.amin(-3)).flatten(-2).amax(-1).reshape(-1)  # (L,): no (K, m, n) temporary
+        scale = X0.abs().flatten(-2).amax(-1).reshape(-1)
+        bad = (spread > tol * scale).nonzero()
+        if len(bad):
+            l = int(bad[0])
+            raise ValueError(f"{_name(layer, l if lead else -1)}: {what}, but the clients' copies differ "
+                             f"by up to {spread[l].item():.3g}")
+        return X0
+    ref = int(ranks.argmax())
+    X0 = X[..., ref, :, :]                                                    # (..., m, n), the whole factor
+    scale = X0.abs().flatten(-2).amax(-1) if tol > 0 else None               # (...,)
+    for k, rank in enumerate(ranks.tolist()):
+        held = X[..., k, :, :rank] if columns else X[..., k, :rank, :]        # what client k holds (a view)
+        own = X0[..., :, :rank] if columns else X0[..., :rank, :]
+        if tol == 0 and torch.equal(held, own):
+            continue
+        spread = (held - own).abs().flatten(-2).amax(-1)                      # (...,)
+        if (spread > tol * (scale if scale is not None else 0)).any():
+            raise ValueError(f"{_name(layer, -1)}: {what}, but client {k}'s copy differs from client {ref}'s "
+                             f"by up to {spread.max().item():.3g}")
     return X0
 
 

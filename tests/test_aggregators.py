@@ -598,11 +598,11 @@ def test_equal_ranks_change_nothing(method):
 def test_padding_must_be_zero_and_ranks_valid(method):
     A, B, w = hetero_clients(method=method)
     A[0, 2, 0] = 1.0                                   # client 0 has rank 1: row 2 is padding
-    with pytest.raises(ValueError, match=r"layer: client 0's A is not zero beyond its rank r_k = 1 \(row 2\)"):
+    with pytest.raises(ValueError, match=r"layer: client 0's A is not zero beyond its rank r_k = 1 \(rows 1..3\)"):
         run(method, A, B, w, ranks=RANKS)
     A, B, w = hetero_clients(method=method)
     B[2, 0, 3] = 1.0
-    with pytest.raises(ValueError, match=r"client 2's B is not zero beyond its rank r_k = 2 \(column 3\)"):
+    with pytest.raises(ValueError, match=r"client 2's B is not zero beyond its rank r_k = 2 \(columns 2..3\)"):
         run(method, A, B, w, ranks=RANKS)
     for bad, msg in (([1, 3, 2], "ranks must be 4 integers"), ([0, 3, 2, 4], "ranks must be in 1..R = 4"),
                      ([1, 3, 2, 5], "ranks must be in 1..R = 4"), ([1.0, 3.0, 2.0, 4.0], "ranks must be 4 integers")):
