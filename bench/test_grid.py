@@ -2,7 +2,8 @@
 
 Geometries: the paper's ViT-B/16 (12 x attn.proj 768x768, 12 x mlp.fc2 768 out x 3072 in), q/v
 LoRA of a 7B LLM (32 layers x {q, v}, 4096x4096) and a toy one (4 x 64x48); K in {6, 30, 100};
-r in {8, 16, 64}. The bound is what a perfect implementation would need on this machine:
+r in {8, 16, 64}; and heterogeneous rows (`test_server_step_heterogeneous`): client ranks cycled
+over {4, 8, 16, 64}, zero-padded to R = 64, every method given `ranks`. The bound is what a perfect implementation would need on this machine:
 max(FLOPs / matmul FLOP/s, bytes / copy bandwidth), both measured at the start of the run.
 A configuration is skipped, with the reason printed, when its memory exceeds BENCH_MEM_GB
 (default 12) or its bound exceeds BENCH_BUDGET_S / 20 (default 1 s); its reference is left out
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from aggregators import AGGREGATORS
-from tests.reference import dense_dW, dense_flexlora, dense_lorafair
+from tests.reference import dense_dW, dense_flexlora, dense_florist, dense_hetlora, dense_lorafair, dense_rbla
 
 GEOMETRIES = {
     "toy": [(64, 48)] * 4,
@@ -25,6 +26,7 @@ GEOMETRIES = {
     "llm7b_qv": [(4096, 4096)] * 64,
 }
 KS, RS = (6, 30, 100), (8, 16, 64)
+HETERO_RANKS = (4, 8, 16, 64)   # cycled over the clients, padded to R = 64
 FAIR_STEPS = 20             # timed steps; LoRA-FAIR's 1000-step cost is reported per step
 MEM_GB = float(os.environ.get("BENCH_MEM_GB", 12))
 BUDGET_S = float(os.environ.get("BENCH_BUDGET_S", 20))
@@ -67,11 +69,13 @@ def cost(method, do, di, K, r):
     """(FLOPs, bytes) a perfect implementation needs for one layer, float32."""
     Kr = K * r
     inputs = K * r * (do + di)
-    if method in ("fedit", "ffa", "fedsa", "rolora"):
+    if method in ("fedit", "ffa", "fedsa", "rolora", "rbla"):
         return 2 * inputs, 4 * (inputs + r * (do + di))
+    if method == "hetlora":    # + the K norms ||B_k A_k|| through the r x r Gram matrices
+        return 2 * inputs + 2 * K * r * r * (do + di), 4 * (inputs + r * (do + di))
     if method in ("flora", "fedex"):
         return 2 * do * (Kr + (r if method == "fedex" else 0)) * di, 4 * (inputs + do * di)
-    if method == "flexlora":
+    if method in ("flexlora", "florist"):
         m = min(Kr, do, di)
         return 4 * (do + di) * Kr * m + 22 * m ** 3 + 2 * (do + di) * m * r, 4 * (inputs + 2 * (do + di) * m)
     if method == "lorafair":   # setup + FAIR_STEPS x (forward + backward ~ 3 x forward)
@@ -84,7 +88,7 @@ def cost(method, do, di, K, r):
     raise KeyError(method)
 
 
-def reference(method):
+def reference(method, ranks=None):
     """The obvious implementation: per-client loops, dense dW, dense SVD, dense per-step solver."""
     avg = lambda X, w: sum(w[k] * X[..., k, :, :] for k in range(X.shape[-3]))   # noqa: E731
     return {
@@ -96,10 +100,14 @@ def reference(method):
         "fedex": lambda A, B, w: dense_dW(A, B, w) - avg(B, w) @ avg(A, w),
         "flexlora": dense_flexlora,
         "lorafair": lambda A, B, w: dense_lorafair(A, B, w, steps=FAIR_STEPS),
+        "hetlora": dense_hetlora,
+        "rbla": lambda A, B, w: dense_rbla(A, B, w, ranks or [A.shape[-2]] * A.shape[-3]),
+        "florist": lambda A, B, w: dense_florist(A, B, w, 0.9),
     }[method]
 
 
-def inputs(geometry, K, r, method, device):
+def inputs(geometry, K, r, method, device, ranks=None):
+    """Per layer shape: A (L, K, r, d_in), B (L, K, d_out, r); with ranks, client k's zero-padded."""
     g = torch.Generator().manual_seed(0)
     groups = {}
     for shape in GEOMETRIES[geometry]:
@@ -112,6 +120,9 @@ def inputs(geometry, K, r, method, device):
             A[:] = A[:, :1]
         if method == "rolora":
             B[:] = B[:, :1]
+        if ranks is not None:
+            keep = (torch.arange(r) < torch.tensor(ranks)[:, None]).float().to(device)       # (K, r)
+            A, B = A * keep[:, :, None], B * keep[:, None, :]
         data.append((A, B))
     return data
 
@@ -122,7 +133,7 @@ def predicted(method, geometry, K, r, m, dense=False):
         fl, by = cost(method, do, di, K, r)
         if dense and method == "lorafair":    # forms dW once and (B_bar + dB) A_bar at every step, fwd + bwd
             fl = 2 * do * di * K * r + FAIR_STEPS * 6 * do * di * r
-        if dense and method == "flexlora":    # dense dW, then a dense SVD (~14 d_out d_in min(d_out, d_in))
+        if dense and method in ("flexlora", "florist"):   # dense dW, then a dense SVD (~14 d_out d_in min)
             fl = 2 * do * di * K * r + 14 * do * di * min(do, di)
         f, b = f + fl, b + by
     return max(f / m["flops"], b / m["bw"])
@@ -162,25 +173,59 @@ def test_server_step(benchmark, machine, method, geometry, K, r):
     ROWS.append(dict(device=dev, method=method, geometry=geometry, K=K, r=r, fast=fast, ref=ref, bound=bound))
 
 
+@pytest.mark.parametrize("K", KS)
+@pytest.mark.parametrize("geometry", ["toy", "vit_b16"])
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_server_step_heterogeneous(benchmark, machine, method, geometry, K):
+    """Client ranks cycled over HETERO_RANKS, zero-padded to R = 64: cost as at r = R, plus the checks."""
+    dev, R = machine["device"], max(HETERO_RANKS)
+    if R > min(min(shape) for shape in GEOMETRIES[geometry]):
+        pytest.skip(f"R = {R} exceeds the layers' size")
+    ranks = [HETERO_RANKS[k % len(HETERO_RANKS)] for k in range(K)]
+    bound = predicted(method, geometry, K, R, machine)
+    if bound > BUDGET_S / 20:
+        pytest.skip(f"even a perfect implementation needs {bound:.1f} s a call here (BENCH_BUDGET_S={BUDGET_S})")
+    data = inputs(geometry, K, R, method, dev, ranks)
+    w = torch.full((K,), 1.0 / K, device=dev)
+    fn = AGGREGATORS[method]
+    kw = {"phase": "B" if method == "rolora" else None, "steps": FAIR_STEPS if method == "lorafair" else None}
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if method == "rolora":        # phase 'B' shares A; the inputs share B, so take phase 'A'
+        kw["phase"] = "A"
+    benchmark.pedantic(lambda: [fn(A, B, w, ranks=ranks, **kw) for A, B in data] and sync(dev), rounds=2,
+                       iterations=1, warmup_rounds=1)
+    fast = benchmark.stats.stats.min
+    ref = None
+    if predicted(method, geometry, K, R, machine, dense=True) * 3 < BUDGET_S:
+        ref_fn = reference(method, ranks)
+        ref = timeit(lambda: [ref_fn(A, B, w) for A, B in data], dev, repeat=1, warmup=False)
+    ROWS.append(dict(device=dev, method=method, geometry=geometry, K=K, r=f"{'/'.join(map(str, HETERO_RANKS))}",
+                     fast=fast, ref=ref, bound=bound))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def write_table():
-    """After the grid: a markdown table in bench/results/server_grid.md, also printed."""
+    """After the grid: markdown tables in bench/results/server_grid.md (equal ranks) and
+    server_grid_hetero.md (heterogeneous ranks), also printed; a file is rewritten only by a run
+    that measured its rows."""
     yield
-    if not ROWS:
-        return
     from bench.conftest import machine as describe
-    lines = [f"Machine: {describe()}. Times are the best of 2 calls (float32); lorafair runs {FAIR_STEPS} SGD "
-             "steps (x50 for a 1000-step round). ref: the obvious implementation (tests/reference.py, per-client "
-             "loops); '-' where it would exceed the time budget. bound: max(FLOPs / matmul FLOP/s, bytes / copy "
-             "bandwidth) measured in the same run.", "",
-             "| device | geometry | K | r | method | fast (ms) | ref (ms) | ref / fast | % of bound |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in ROWS:
-        ref = f"{row['ref'] * 1e3:.1f}" if row["ref"] else "-"
-        ratio = f"{row['ref'] / row['fast']:.1f}x" if row["ref"] else "-"
-        lines.append(f"| {row['device']} | {row['geometry']} | {row['K']} | {row['r']} | {row['method']} | "
-                     f"{row['fast'] * 1e3:.2f} | {ref} | {ratio} | {100 * row['bound'] / row['fast']:.1f}% |")
-    os.makedirs("bench/results", exist_ok=True)
-    with open("bench/results/server_grid.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n" + "\n".join(lines))
+    for name, rows in (("server_grid.md", [r for r in ROWS if not isinstance(r["r"], str)]),
+                       ("server_grid_hetero.md", [r for r in ROWS if isinstance(r["r"], str)])):
+        if not rows:
+            continue
+        lines = [f"Machine: {describe()}. Times are the best of 2 calls (float32); lorafair runs {FAIR_STEPS} SGD "
+                 "steps (x50 for a 1000-step round). ref: the obvious implementation (tests/reference.py, per-client "
+                 "loops, no input checks); '-' where it would exceed the time budget. bound: max(FLOPs / matmul "
+                 "FLOP/s, bytes / copy bandwidth) measured in the same run.", "",
+                 "| device | geometry | K | r | method | fast (ms) | ref (ms) | ref / fast | % of bound |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for row in rows:
+            ref = f"{row['ref'] * 1e3:.1f}" if row["ref"] else "-"
+            ratio = f"{row['ref'] / row['fast']:.1f}x" if row["ref"] else "-"
+            lines.append(f"| {row['device']} | {row['geometry']} | {row['K']} | {row['r']} | {row['method']} | "
+                         f"{row['fast'] * 1e3:.2f} | {ref} | {ratio} | {100 * row['bound'] / row['fast']:.1f}% |")
+        os.makedirs("bench/results", exist_ok=True)
+        with open(os.path.join("bench/results", name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print("\n" + "\n".join(lines))
