@@ -2,6 +2,7 @@
 
     python bench/compare.py                          # every method + centralised, 3 seeds, embedded data
     python bench/compare.py --ablations              # LoRA-FAIR's ablations instead
+    python bench/compare.py --ranks 4,8,16           # heterogeneous client ranks, cycled over the clients
     python bench/compare.py --dataset domainnet --data-root /data/domainnet --rounds 30 --local-epochs 1
 
 Every variant runs train.py with the same settings, once per seed; finished runs in --out are
@@ -53,7 +54,8 @@ def get_args_parser():
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--only", default=None, help="comma-separated subset of the variants")
     p.add_argument("--ablations", action="store_true", help="run LoRA-FAIR's ablations instead of the methods")
-    p.add_argument("--out", default=None, help="default bench/results/<dataset>[-ablations]")
+    p.add_argument("--ranks", default=None, help="heterogeneous client ranks for every variant, e.g. 4,8,16")
+    p.add_argument("--out", default=None, help="default bench/results/<dataset>[-ablations][-ranks-4-8-16]")
     return p
 
 
@@ -80,9 +82,10 @@ def main(argv=None):
     variants = ABLATIONS if args.ablations else METHODS
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
-    out = args.out or os.path.join("bench", "results", args.dataset + ("-ablations" if args.ablations else ""))
+    out = args.out or os.path.join("bench", "results", args.dataset + ("-ablations" if args.ablations else "")
+                                   + (f"-ranks-{args.ranks.replace(',', '-')}" if args.ranks else ""))
     base = ["--dataset", args.dataset] + (["--data-root", args.data_root] if args.data_root else [])
-    base += (EMBEDDED if args.dataset == "shapes" else []) + extra
+    base += (EMBEDDED if args.dataset == "shapes" else []) + extra + (["--ranks", args.ranks] if args.ranks else [])
 
     results: dict[str, list[list[dict]]] = {}
     for name, v in variants.items():
