@@ -132,8 +132,8 @@ def _nearby(root: str, rel: str) -> Optional[str]:
     return next((d for d in subdirs if os.path.exists(os.path.join(d, rel))), None)
 
 
-def _level_hint(root: str, rel: str) -> str:
-    found = _nearby(root, rel)
+def _level_hint(root: str, found: Optional[str]) -> str:
+    """The fix when `found` (from _nearby) is where the data really is."""
     if not found:
         return ""
     side = "low" if os.path.abspath(found) == os.path.dirname(os.path.abspath(root)) else "high"
@@ -166,9 +166,9 @@ def list_domainnet(root: str, domains: Optional[list[str]], num_classes: int,
     split_dir = splits or next((d for d in (root, os.path.join(root, "splits"))
                                 if os.path.isfile(os.path.join(d, first))), None)
     if split_dir is None:
-        raise DataError(f"no DomainNet split file {first} in {root} or {root}/splits"
-                        + (_level_hint(root, first) or f" (download {first} and {domains[0]}_test.txt from "
-                           f"{DATASETS['domainnet'][2]} into {root})"))
+        fix = _level_hint(root, _nearby(root, first)) or (f" (download {first} and {domains[0]}_test.txt "
+                                                          f"from {DATASETS['domainnet'][2]} into {root})")
+        raise DataError(f"no DomainNet split file {first} in {root} or {root}/splits{fix}")
     items, lines = _read_splits("domainnet", num_classes, split_dir, domains)
     return Listing("domainnet", root, split_dir, items, lines, num_classes)
 
@@ -294,7 +294,8 @@ def check_images(listing: Listing) -> None:
         return
     total = listing.kept
     n = sum(missing.values())
-    hint, found = _level_hint(root, first), _nearby(root, first)
+    found = _nearby(root, first)
+    hint = _level_hint(root, found)
     if found and listing.split_dir and not os.path.abspath(listing.split_dir).startswith(os.path.abspath(found)):
         hint += f" --splits {listing.split_dir}"
     if not hint:

@@ -348,8 +348,7 @@ class Federation:
         head = [] if method == "fedsa" and self.cfg.local_head else self.head_keys
         factors = {"ffa": self.b_keys, "fedsa": self.a_keys,
                    "rolora": self.a_keys if phase == "A" else self.b_keys}.get(method, self.a_keys + self.b_keys)
-        up = sum(size(factors + head, r) for r in ranks)
-        down = sum(size(factors + head, r) for r in ranks)
+        up = down = sum(size(factors + head, r) for r in ranks)      # each client receives what it sends
         if method == "fedex":
             down += len(ranks) * sum(d.numel() * d.element_size() for d in delta_w.values())
         if method == "flora":
