@@ -37,7 +37,7 @@ This file depends on torch and the standard library only, so it can be copied al
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -466,6 +466,40 @@ def lorafair(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", ste
     return _cast(Update(A_new, B_new, None), dtype)
 
 
+def lorafair_groups(groups: Sequence[tuple], **options) -> list[Update]:
+    """lorafair over several shape groups [(layer names, A, B, w), ...], one Update per group.
+
+    With the default solver (flat cosine, residual on B, from zero) a layer's SGD needs only
+    C (d_out, r), G (r, r) and ||dW||, none of which depends on d_in, so the groups are merged
+    into one SGD loop per (d_out, r): the same steps per layer (layers are independent terms of
+    the summed loss), fewer kernel launches. Any other variant runs group by group.
+    """
+    flat = (options.get("similarity", "flat") == "flat" and options.get("correct", "B") == "B"
+            and options.get("init", "zeros") == "zeros")
+    if not flat:
+        return [lorafair(A, B, w, layer=names, **options) for names, A, B, w in groups]
+    unknown = set(options) - {"steps", "lr", "lam", "init", "similarity", "correct", "eps", "seed", "ranks"}
+    if unknown:
+        raise TypeError(f"lorafair got unexpected options {sorted(unknown)}")
+    steps, lr, lam, eps = (options.get(k, d) for k, d in (("steps", 1000), ("lr", 0.01), ("lam", 0.01),
+                                                           ("eps", 1e-8)))
+    _check_fair_options(steps, lr, lam, "zeros", "B")
+    terms, bins = [], {}
+    for i, (names, A, B, w) in enumerate(groups):
+        A, B, w, _ = _check(A, B, w, names)
+        _padding(A, B, options.get("ranks"), names)
+        A_bar, B_bar, U, V = _fair_inputs(A, B, w)
+        terms.append((A_bar, B_bar, *_flat_terms(U, V, A_bar, eps)))
+        bins.setdefault((tuple(B_bar.shape[1:]), B_bar.dtype, B_bar.device), []).append(i)
+    dB = [None] * len(groups)
+    for members in bins.values():
+        B_bar, C, G, nX = (torch.cat([terms[i][j] for i in members]) for j in (1, 2, 3, 4))
+        out = _sgd_flat_B(B_bar, torch.zeros_like(B_bar), C, G, nX, steps, lr, lam, eps)
+        for i, part in zip(members, out.split([len(groups[i][1]) for i in members])):
+            dB[i] = part
+    return [_cast(Update(t[0], t[1] + d, None), g[1].dtype) for t, d, g in zip(terms, dB, groups)]
+
+
 # ----------------------------------------------------------------------------- built for heterogeneous ranks
 
 def _rank_mask(ranks: Optional[Tensor], K: int, R: int, like: Tensor) -> Tensor:
@@ -502,15 +536,17 @@ def rbla(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer") -> Upda
         A_glob[i] = sum_{k: r_k > i} p_k A_k[i] / sum_{k: r_k > i} p_k   (B's columns alike)
 
     so a slot few clients train is not diluted by the others' zero padding. A slot no client has
-    stays zero. With equal ranks it is FedIT.
+    stays zero. With equal ranks it is FedIT. Since the padding is zero (checked), the numerator is
+    FedIT's average, so A_glob is A_bar with row i divided by c_i = sum_{k: r_k > i} p_k (B_bar's
+    column i alike): one pass over the factors, as cheap as FedIT.
     """
     A, B, w, dtype = _check(A, B, w, layer)
     r = _padding(A, B, ranks, layer)
     K, R = A.shape[-3], A.shape[-2]
-    P = w[:, None] * _rank_mask(r, K, R, w)                                     # (K, R)
-    P = P / P.sum(0).clamp_min(torch.finfo(P.dtype).tiny)                       # per slot, over its clients
-    A_glob = torch.einsum("kr,...krd->...rd", P, A)                              # (..., R, d_in)
-    B_glob = torch.einsum("kr,...kor->...or", P, B)                              # (..., d_out, R)
+    c = w @ _rank_mask(r, K, R, w)                                             # (R,): weight of slot i's clients
+    c = torch.where(c > 0, c, torch.ones_like(c))                              # a slot nobody has: 0 / 1
+    A_glob = weighted_mean(A, w) / c[:, None]                                  # (..., R, d_in)
+    B_glob = weighted_mean(B, w) / c                                           # (..., d_out, R)
     return _cast(Update(A_glob, B_glob, None), dtype)
 
 
@@ -616,146 +652,3 @@ def diagnostics(update: Update, A: Tensor, B: Tensor, w, *, eps: float = 1e-12) 
     cos = (dW * applied).sum((-2, -1)) / (nX * nY)
     rel = (dW - applied).flatten(-2).norm(dim=-1) / nX
     return cos, rel
-
-
-# ----------------------------------------------------------------------------- state dicts
-
-def _merged_path(options: Mapping) -> bool:
-    """LoRA-FAIR's default solver (flat cosine, residual on B, from zero) needs per layer only
-    C (d_out, r), G (r, r) and ||dW||, none of which depends on d_in."""
-    return (options.get("similarity", "flat") == "flat" and options.get("correct", "B") == "B"
-            and options.get("init", "zeros") == "zeros")
-
-
-def _lorafair_merged(stacks: list, options: Mapping) -> list[Update]:
-    """lorafair over several shape groups with one SGD loop per (d_out, r) instead of one per group:
-    the same steps per layer (layers are independent terms of the summed loss), fewer launches."""
-    unknown = set(options) - {"steps", "lr", "lam", "init", "similarity", "correct", "eps", "seed", "ranks"}
-    if unknown:
-        raise TypeError(f"lorafair got unexpected options {sorted(unknown)}")
-    steps, lr, lam, eps = (options.get(k, d) for k, d in (("steps", 1000), ("lr", 0.01), ("lam", 0.01),
-                                                           ("eps", 1e-8)))
-    _check_fair_options(steps, lr, lam, "zeros", "B")
-    terms, bins = [], {}
-    for i, (group, A, B, wg) in enumerate(stacks):
-        A, B, wg, _ = _check(A, B, wg, group)
-        _padding(A, B, options.get("ranks"), group)
-        A_bar, B_bar, U, V = _fair_inputs(A, B, wg)
-        terms.append((A_bar, B_bar, *_flat_terms(U, V, A_bar, eps)))
-        bins.setdefault((tuple(B_bar.shape[1:]), B_bar.dtype, B_bar.device), []).append(i)
-    dB = [None] * len(stacks)
-    for members in bins.values():
-        B_bar, C, G, nX = (torch.cat([terms[i][j] for i in members]) for j in (1, 2, 3, 4))
-        out = _sgd_flat_B(B_bar, torch.zeros_like(B_bar), C, G, nX, steps, lr, lam, eps)
-        for i, part in zip(members, out.split([len(stacks[i][0]) for i in members])):
-            dB[i] = part
-    return [_cast(Update(t[0], t[1] + d, None), s[1].dtype) for t, d, s in zip(terms, dB, stacks)]
-
-
-class StateUpdate(NamedTuple):
-    state: dict[str, Tensor]    # new global adapter keys (where the method returns them) and the rest, FedAvg'd
-    delta_w: dict[str, Tensor]  # layer prefix -> delta_w to fold into that layer's base weight
-    cos: dict[str, float]       # layer prefix -> cos(dW, dW_applied)
-    rel_err: dict[str, float]   # layer prefix -> ||dW - dW_applied|| / ||dW||
-
-
-def _lora_key(key: str) -> Optional[tuple[str, str, Optional[str]]]:
-    """(layer prefix, 'A' or 'B', adapter name or None) of `<prefix>.lora_A.weight` (this project,
-    PEFT's saved adapter files) or `<prefix>.lora_A.<adapter>.weight` (a live PEFT model's
-    state_dict(), e.g. adapter 'default'); None for any other key."""
-    parts = key.split(".")
-    if parts[-1] != "weight":
-        return None
-    for i in (-2, -3):
-        if len(parts) > -i and parts[i] in ("lora_A", "lora_B"):
-            return ".".join(parts[:i]), parts[i][-1], parts[-2] if i == -3 else None
-    return None
-
-
-def lora_pairs(keys: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """Layer prefix -> (key of A, key of B), in either key form `_lora_key` reads."""
-    found: dict[tuple[str, Optional[str]], dict[str, str]] = {}
-    for key in keys:
-        m = _lora_key(key)
-        if m:
-            found.setdefault((m[0], m[2]), {})[m[1]] = key
-    pairs: dict[str, tuple[str, str]] = {}
-    for (prefix, adapter), f in found.items():
-        if set(f) != {"A", "B"}:
-            have, lack = next(iter(f.values())), "B" if "A" in f else "A"
-            raise ValueError(f"layer {prefix}: has {have} but no lora_{lack} weight")
-        if prefix in pairs:
-            raise ValueError(f"layer {prefix}: several adapters ({adapter} and another); pass one adapter's weights")
-        pairs[prefix] = (f["A"], f["B"])
-    return pairs
-
-
-def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: str,
-                     **options) -> StateUpdate:
-    """Aggregate whole client state dicts with one method.
-
-    LoRA factors are found by name: `<prefix>.lora_A.weight` / `<prefix>.lora_B.weight` (this
-    project and HF PEFT's saved adapters, `get_peft_model_state_dict`) or
-    `<prefix>.lora_A.<adapter>.weight` (a PEFT model's own `state_dict()`); the result uses the
-    same keys. Layers of the same shape are stacked into one batched call of the method; every
-    other floating key (e.g. the classifier head) is FedAvg'd, sum_k p_k x_k; non-floating keys
-    must agree across clients and are copied. A state with no LoRA pair at all is an error (it
-    would otherwise be averaged as FedAvg, whatever the method).
-    """
-    fn = get_aggregator(method)
-    K = len(states)
-    w = check_weights(torch.as_tensor(weights, dtype=torch.float64), K, layer="state dicts")
-    keys = list(states[0].keys())
-    for k, s in enumerate(states[1:], start=1):
-        if set(s.keys()) != set(keys):
-            diff = sorted(set(s.keys()) ^ set(keys))
-            raise ValueError(f"client {k}'s state dict has different keys from client 0's: {diff[:5]}")
-    pairs = lora_pairs(keys)
-    if not pairs:
-        raise ValueError(f"no LoRA layer found among the {len(keys)} keys (e.g. {keys[:4]}); expected pairs "
-                         "'<layer>.lora_A.weight' / '<layer>.lora_B.weight' or '<layer>.lora_A.<adapter>.weight'")
-
-    groups: dict[tuple, list[str]] = {}
-    for p, (ka, kb) in pairs.items():
-        A0, B0 = states[0][ka], states[0][kb]
-        for k, s in enumerate(states):
-            if s[ka].shape != A0.shape or s[kb].shape != B0.shape:
-                raise ValueError(f"layer {p}: client {k}'s factors have shapes {tuple(s[ka].shape)}, "
-                                 f"{tuple(s[kb].shape)}; client 0's are {tuple(A0.shape)}, {tuple(B0.shape)}")
-        groups.setdefault((tuple(A0.shape), tuple(B0.shape), A0.dtype, A0.device), []).append(p)
-
-    stacks = []
-    for group in groups.values():
-        A = torch.stack([torch.stack([s[pairs[p][0]] for s in states]) for p in group])  # (L, K, r, d_in)
-        B = torch.stack([torch.stack([s[pairs[p][1]] for s in states]) for p in group])  # (L, K, d_out, r)
-        stacks.append((group, A, B, w.to(A.device)))
-    if method == "lorafair" and _merged_path(options):
-        updates = _lorafair_merged(stacks, options)
-    else:
-        updates = [fn(A, B, wg, layer=group, **options) for group, A, B, wg in stacks]
-
-    out = StateUpdate({}, {}, {}, {})
-    for (group, A, B, wg), upd in zip(stacks, updates):
-        cos, rel = diagnostics(upd, A, B, wg)
-        for i, p in enumerate(group):
-            if upd.A is not None:
-                out.state[pairs[p][0]] = upd.A[i]
-            if upd.B is not None:
-                out.state[pairs[p][1]] = upd.B[i]
-            if upd.delta_w is not None:
-                out.delta_w[p] = upd.delta_w[i]
-            out.cos[p], out.rel_err[p] = cos[i].item(), rel[i].item()
-    factors = {k for ab in pairs.values() for k in ab}
-    for key in keys:
-        if key in factors:
-            continue
-        x0 = states[0][key]
-        if x0.is_floating_point():
-            ct = torch.promote_types(x0.dtype, torch.float32)
-            stacked = torch.stack([s[key] for s in states]).to(ct)                   # (K, ...)
-            out.state[key] = torch.tensordot(w.to(x0.device, ct), stacked, dims=1).to(x0.dtype)
-        else:
-            if any(not torch.equal(s[key], x0) for s in states):
-                raise ValueError(f"{key}: non-floating entry differs across clients; cannot average it")
-            out.state[key] = x0.clone()
-    return out

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from aggregators import aggregate_states, weighted_mean
+from aggregators import weighted_mean
+from states import aggregate_states
 from data import DataError, DomainData
 from lora import fold_into_base, load_lora_state, lora_layers, reset_lora, trainable_state
 
@@ -54,7 +55,7 @@ class FedConfig:
     client_init: str = "global"         # clients start each round from: the global adapter | a fresh
                                         # LoRA (global adapter folded into W0 first) | their own last one
     local_head: bool = False            # fedsa: each client also keeps its own classifier head
-    agg_options: dict = field(default_factory=dict)   # e.g. lorafair's steps, lr, lam, init, similarity
+    agg_options: dict = field(default_factory=dict)   # the method's options, e.g. lorafair's steps, lr, lam
     progress: bool = True
 
 
@@ -297,7 +298,7 @@ class Federation:
         tic = time.perf_counter()
         w = torch.tensor(sizes, dtype=torch.float64)
         w = w / w.sum()
-        options = dict(cfg.agg_options) if cfg.method == "lorafair" else {}
+        options = dict(cfg.agg_options)
         if cfg.method == "lorafair" and options.get("init") == "xavier":
             options["seed"] = _seed(cfg.seed, t, 3)
         if cfg.method == "rolora":

@@ -78,8 +78,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default max(8, 2 r), per client with --ranks)")
     p.add_argument("--ranks", default=None,
-                   help="heterogeneous ranks: per-client LoRA ranks cycled over the clients, e.g. 4,8,16 (the global "
-                        "adapter's rank is their maximum; overrides --rank)")
+                   help="heterogeneous ranks: a list cycled over the clients (or domains, --rank-by), e.g. 4,8,16 "
+                        "(the global adapter's rank is their maximum; overrides --rank)")
+    p.add_argument("--rank-by", default="client", choices=["client", "domain"],
+                   help="--ranks entry i goes to client i, or to every client of domain i (domains in dataset order)")
     p.add_argument("--lora-dropout", type=float, default=0.1)
     p.add_argument("--lora-targets", default=None, help="comma-separated module names, e.g. attn.qkv,attn.proj")
     p.add_argument("--rounds", type=int, default=None)
@@ -101,6 +103,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fair-init", default="zeros", choices=["zeros", "xavier"])
     p.add_argument("--fair-similarity", default="flat", choices=["flat", "column"])
     p.add_argument("--fair-correct", default="B", choices=["B", "A", "both"], help="which factor gets a residual")
+    p.add_argument("--hetlora-use-p", action="store_true",
+                   help="hetlora: weight clients by p_k ||B_k A_k|| instead of ||B_k A_k|| alone")
+    p.add_argument("--florist-tau", type=float, default=0.9, help="florist: share of sum sigma^2 the kept components reach")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (GPU default)")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (0 on CPU, 8 on GPU)")
@@ -139,6 +144,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--rounds must be >= 0, --batch-size and --eval-every > 0")
     if args.local_epochs <= 0 and not args.local_steps:
         raise UserError("--local-epochs must be > 0 unless --local-steps is given")
+    check_method_options(args)
     if args.local_head and args.method != "fedsa":
         raise UserError(f"--local-head applies to --method fedsa (its clients keep their own B), not {args.method}")
     if args.dataset != "shapes" and not args.data_root:
@@ -157,6 +163,32 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+OPTION_FLAGS = {   # method -> {aggregator option: train.py argument}
+    "lorafair": {"steps": "fair_steps", "lr": "fair_lr", "lam": "fair_lam", "init": "fair_init",
+                 "similarity": "fair_similarity", "correct": "fair_correct"},
+    "hetlora": {"use_p": "hetlora_use_p"},
+    "florist": {"tau": "florist_tau"},
+}
+
+
+def method_options(args) -> dict:
+    """The options train.py passes to the chosen method's aggregator (aggregators.py), besides ranks/phase."""
+    return {opt: getattr(args, dest) for opt, dest in OPTION_FLAGS.get(args.method, {}).items()}
+
+
+def check_method_options(args) -> None:
+    """Run the method's own checks on its options now, on a 2-client toy layer, not after a round."""
+    options = method_options(args)
+    if not options:
+        return
+    A, B = torch.ones(2, 1, 3, dtype=torch.float64), torch.ones(2, 2, 1, dtype=torch.float64)
+    try:
+        AGGREGATORS[args.method](A, B, [0.5, 0.5], **options)
+    except ValueError as e:
+        flags = ", ".join("--" + d.replace("_", "-") for d in OPTION_FLAGS[args.method].values())
+        raise UserError(f"{e} (set by {flags})") from None
+
+
 def build_data(args, listing):
     """Domains and clients (labels and partition only: image transforms are set once the model is known)."""
     domains = args.domains.split(",") if args.domains else None
@@ -168,10 +200,11 @@ def build_data(args, listing):
         return doms, [Client(-1, list(range(sum(len(d.train) for d in doms))))]
     parts = partition(doms, args.clients_per_domain, args.dirichlet, seed=args.seed)
     clients = [Client(d, idx) for d, idx in parts]
-    if args.ranks:   # client i: rank r and scaling alpha / r of the list's entry i mod its length
+    if args.ranks:   # client i (or each client of domain i): rank and scaling alpha / r of the entry i mod n
         ranks = [int(x) for x in args.ranks.split(",")]
         for i, c in enumerate(clients):
-            c.rank, c.scale = ranks[i % len(ranks)], args.client_alphas[i % len(ranks)] / ranks[i % len(ranks)]
+            j = (c.domain if args.rank_by == "domain" else i) % len(ranks)
+            c.rank, c.scale = ranks[j], args.client_alphas[j] / ranks[j]
     return doms, clients
 
 
@@ -332,8 +365,7 @@ def run(args, rank: int = 0, world: int = 1) -> int:
                     local_steps=args.local_steps, participation=args.participation, seed=args.seed, amp=args.amp,
                     workers=args.workers, progress=args.progress, client_init=args.client_init,
                     local_head=args.local_head,
-                    agg_options=dict(steps=args.fair_steps, lr=args.fair_lr, lam=args.fair_lam, init=args.fair_init,
-                                     similarity=args.fair_similarity, correct=args.fair_correct))
+                    agg_options=method_options(args))
     fed = Federation(model, domains, clients, cfg, device, rank, world)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     done = 0

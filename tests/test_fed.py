@@ -15,7 +15,7 @@ def federation(method, per_domain=1, **kw):
     doms = load_shapes(["clipart", "sketch", "quickdraw"], 40, 10)
     clients = [Client(d, idx) for d, idx in partition(doms, per_domain, 1.0, min_size=5, seed=0)]
     cfg = FedConfig(method=method, lr=0.05, batch_size=8, local_steps=3, progress=False,
-                    agg_options={"steps": 20}, **kw)
+                    agg_options={"steps": 20} if method == "lorafair" else {}, **kw)
     return Federation(model, doms, clients, cfg, torch.device("cpu"))
 
 

@@ -91,6 +91,9 @@ def test_domainnet_tree_end_to_end(tmp_path):
     (["--lr", "0"], "--lr must be > 0"),
     (["--ranks", "4,x"], "--ranks must be comma-separated integers such as 4,8,16, got '4,x'"),
     (["--ranks", "4,0"], "--ranks must all be >= 1"),
+    (["--method", "florist", "--florist-tau", "0"], "florist tau must be in (0, 1], got 0.0 (set by --florist-tau)"),
+    (["--fair-lr", "-1"], "lorafair lr must be a finite number > 0, got -1.0 (set by --fair-steps, --fair-lr"),
+    (["--fair-lr", "1", "--fair-lam", "2"], "lr * lam = 2 >= 1"),
     (["--local-head"], "--local-head applies to --method fedsa (its clients keep their own B), not lorafair"),
     (["--clients-per-domain", "5"], "too few for 5 clients"),
     (["--model", "vit_tiny_patch16_224", "--pretrained"], "pass --checkpoint PATH"),
@@ -259,3 +262,31 @@ def test_run_exports_a_peft_adapter_and_a_merged_timm_checkpoint(tmp_path, metho
     else:                        # fedex folded residuals into W0: the adapter says so, merged.safetensors has them
         assert "merged.safetensors" in (out / "adapter" / "NOTE.txt").read_text()
         assert (peft(x) - ours).abs().max() > 1e-4
+
+
+def test_rank_by_domain_gives_every_client_of_a_domain_its_rank():
+    from train import build_data, get_args_parser, resolve
+    args = resolve(get_args_parser().parse_args([*TINY, "--domains", "clipart,sketch,quickdraw",
+                                                 "--clients-per-domain", "2", "--ranks", "4,2", "--rank-by", "domain"]))
+    doms, clients = build_data(args, None)
+    assert [(c.domain, c.rank) for c in clients] == [(0, 4), (0, 4), (1, 2), (1, 2), (2, 4), (2, 4)]
+    assert [c.scale for c in clients] == [8 / 4, 8 / 4, 8 / 2, 8 / 2, 8 / 4, 8 / 4]   # alpha = max(8, 2 r)
+    args.rank_by = "client"
+    doms, clients = build_data(args, None)
+    assert [c.rank for c in clients] == [4, 2, 4, 2, 4, 2]
+
+
+@pytest.mark.parametrize("method, extra, options", [
+    ("florist", ["--florist-tau", "0.5"], {"tau": 0.5}),
+    ("hetlora", ["--hetlora-use-p"], {"use_p": True}),
+    ("lorafair", ["--fair-lam", "0.2"], {"steps": 10, "lr": 0.01, "lam": 0.2, "init": "zeros", "similarity": "flat",
+                                         "correct": "B"}),
+    ("fedit", [], {}),
+])
+def test_method_options_reach_the_aggregator(tmp_path, monkeypatch, method, extra, options):
+    import fed
+    seen = []
+    real = fed.aggregate_states
+    monkeypatch.setattr(fed, "aggregate_states", lambda s, w, m, **o: seen.append((m, o)) or real(s, w, m, **o))
+    assert train(tmp_path, "--method", method, "--rounds", "1", *extra) == 0
+    assert seen == [(method, options)]

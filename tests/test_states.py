@@ -1,0 +1,231 @@
+"""aggregate_states on whole client state dicts: the same numbers as per-layer calls, every key form
+of HF PEFT, and a round trip through a real PEFT model."""
+import pytest
+import torch
+
+from aggregators import AGGREGATORS, diagnostics
+from states import aggregate_states
+from tests.reference import dense_dW
+from tests.test_aggregators import OPTS, R, avg, run
+
+def client_states(K=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"blocks.0.attn.proj": (8, 8), "blocks.1.attn.proj": (8, 8), "blocks.0.mlp.fc2": (8, 12)}
+    states = []
+    for _ in range(K):
+        s = {}
+        for p, (d_out, d_in) in shapes.items():
+            s[p + ".lora_A.weight"] = torch.randn(R, d_in, generator=g, dtype=torch.float64)
+            s[p + ".lora_B.weight"] = torch.randn(d_out, R, generator=g, dtype=torch.float64)
+        s["head.weight"] = torch.randn(5, 8, generator=g, dtype=torch.float64)
+        s["head.bias"] = torch.randn(5, generator=g, dtype=torch.float64)
+        states.append(s)
+    return states
+
+
+@pytest.mark.parametrize("method", ["fedit", "flora", "flexlora", "fedex", "fedsa", "lorafair"])
+def test_aggregate_states_matches_per_layer_calls_and_fedavgs_the_head(method):
+    states = client_states()
+    w = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
+    out = aggregate_states(states, w, method, **OPTS.get(method, {}))
+    for key in ("head.weight", "head.bias"):
+        torch.testing.assert_close(out.state[key], sum(w[k] * states[k][key] for k in range(3)))
+    for p in ("blocks.0.attn.proj", "blocks.1.attn.proj", "blocks.0.mlp.fc2"):
+        A = torch.stack([s[p + ".lora_A.weight"] for s in states])
+        B = torch.stack([s[p + ".lora_B.weight"] for s in states])
+        u = run(method, A, B, w)
+        for got, want in ((out.state.get(p + ".lora_A.weight"), u.A), (out.state.get(p + ".lora_B.weight"), u.B),
+                          (out.delta_w.get(p), u.delta_w)):
+            assert (got is None) == (want is None)
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        cos, rel = diagnostics(u, A, B, w)
+        assert out.cos[p] == pytest.approx(cos.item()) and out.rel_err[p] == pytest.approx(rel.item())
+
+
+def test_aggregate_states_bad_input():
+    states = client_states()
+    w = [0.2, 0.3, 0.5]
+    with pytest.raises(ValueError, match="unknown method"):
+        aggregate_states(states, w, "fedprox")
+    bad = [dict(s) for s in states]
+    del bad[1]["head.bias"]
+    with pytest.raises(ValueError, match="client 1's state dict has different keys"):
+        aggregate_states(bad, w, "fedit")
+    bad = [dict(s) for s in states]
+    bad[2]["blocks.0.mlp.fc2.lora_A.weight"] = torch.zeros(R + 1, 12, dtype=torch.float64)
+    with pytest.raises(ValueError, match="layer blocks.0.mlp.fc2: client 2's factors"):
+        aggregate_states(bad, w, "fedit")
+    bad = [{k: v for k, v in s.items() if k != "blocks.0.mlp.fc2.lora_B.weight"} for s in states]
+    with pytest.raises(ValueError, match="no lora_B.weight"):
+        aggregate_states(bad, w, "fedit")
+    with pytest.raises(ValueError, match="3 clients"):
+        aggregate_states(states, [0.5, 0.5], "fedit")
+    bad = [dict(s) for s in states]
+    bad[0]["blocks.1.attn.proj.lora_B.weight"] = torch.full((8, R), float("nan"), dtype=torch.float64)
+    with pytest.raises(ValueError, match="blocks.1.attn.proj: client 0's B"):
+        aggregate_states(bad, w, "lorafair")
+
+
+def peft_forms(states, adapter):
+    """A state in the key form of a live PEFT model (`.lora_A.<adapter>.weight`, under base_model.model.)."""
+    out = []
+    for s in states:
+        d = {}
+        for k, v in s.items():
+            k = "base_model.model." + k
+            if adapter and (".lora_A." in k or ".lora_B." in k):
+                k = k.replace(".weight", f".{adapter}.weight")
+            d[k] = v
+        out.append(d)
+    return out
+
+
+@pytest.mark.parametrize("adapter", [None, "default", "client_7"])
+@pytest.mark.parametrize("method", ["fedit", "flora", "fedsa", "lorafair"])
+def test_aggregate_states_takes_and_returns_peft_key_forms(method, adapter):
+    states = client_states()
+    w = [0.2, 0.3, 0.5]
+    ours = aggregate_states(states, w, method, **OPTS.get(method, {}))
+    theirs = aggregate_states(peft_forms(states, adapter), w, method, **OPTS.get(method, {}))
+    assert theirs.state.keys() == peft_forms([ours.state], adapter)[0].keys()
+    for k, v in peft_forms([ours.state], adapter)[0].items():
+        assert torch.equal(theirs.state[k], v)
+    assert {f"base_model.model.{p}": v for p, v in ours.cos.items()} == theirs.cos
+    assert {f"base_model.model.{p}" for p in ours.delta_w} == set(theirs.delta_w)
+
+
+def test_aggregate_states_without_any_lora_layer_is_an_error():
+    states = [{"blocks.0.attn.proj.lora_down.weight": torch.ones(2, 3), "head.weight": torch.ones(4, 2)}] * 2
+    with pytest.raises(ValueError, match=r"no LoRA layer found among the 2 keys \(e.g. \['blocks.0.attn.proj.lora_down"):
+        aggregate_states(states, [0.5, 0.5], "fedit")
+    two = [{"x.lora_A.a.weight": torch.ones(1, 3), "x.lora_B.a.weight": torch.ones(3, 1),
+            "x.lora_A.b.weight": torch.ones(1, 3), "x.lora_B.b.weight": torch.ones(3, 1)}] * 2
+    with pytest.raises(ValueError, match="layer x: several adapters"):
+        aggregate_states(two, [0.5, 0.5], "fedit")
+
+
+def test_aggregate_states_half_precision_head_and_factors():
+    states = [{k: v.to(torch.bfloat16) for k, v in s.items()} for s in client_states()]
+    w = [0.2, 0.3, 0.5]
+    out = aggregate_states(states, w, "fedex")
+    ref = aggregate_states([{k: v.float() for k, v in s.items()} for s in states], w, "fedex")
+    for k, v in out.state.items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, ref.state[k].to(torch.bfloat16))
+    for p, v in out.delta_w.items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, ref.delta_w[p].to(torch.bfloat16))
+
+
+# ----------------------------------------------------------------------------- with HF PEFT
+
+def readme_example() -> str:
+    """The code block of README's 'Use the aggregators in your own code'."""
+    import pathlib
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("## Use the aggregators in your own code", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_example_runs_and_aggregates_with_lorafair():
+    code = readme_example()
+    assert 15 <= len(code.strip().splitlines()) <= 30
+    ns = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    from peft import get_peft_model_state_dict
+    states, w, model = ns["states"], ns["w"], ns["model"]
+    got = get_peft_model_state_dict(model)
+    assert got.keys() == states[0].keys()
+    for k in got:
+        if k.endswith("lora_A.weight") or ".head." in k or k.endswith(("head.weight", "head.bias")):
+            # LoRA-FAIR keeps A_bar; the head is FedAvg'd
+            torch.testing.assert_close(got[k], sum(p * s[k] for p, s in zip(w.tolist(), states)))
+    layer = next(k for k in got if k.endswith("lora_B.weight"))
+    A = torch.stack([s[layer.replace("lora_B", "lora_A")] for s in states]).double()
+    B = torch.stack([s[layer] for s in states]).double()
+    cos = lambda X, Y: (X * Y).sum() / (X.norm() * Y.norm())           # noqa: E731
+    dW = dense_dW(A, B, w)
+    fair = cos(dW, got[layer].double() @ avg(A, w))
+    assert fair >= cos(dW, avg(B, w) @ avg(A, w)) - 1e-9            # the residual only raises the cosine
+
+
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_peft_clients_aggregated_and_loaded_back(method):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    base = VisionTransformer(img_size=16, patch_size=4, embed_dim=24, depth=2, num_heads=2, num_classes=5)
+    W0 = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=6, target_modules=["attn.proj", "mlp.fc2"],
+                                            modules_to_save=["head"]))
+    template = get_peft_model_state_dict(model)
+    g = torch.Generator().manual_seed(1)
+    states = [{k: torch.randn(v.shape, generator=g) for k, v in template.items()} for _ in range(3)]
+    shared = "lora_A" if method in ("ffa", "rolora") else None       # ffa, rolora (phase 'B'): one frozen A
+    for s in states[1:]:
+        for k in s:
+            if shared and shared in k:
+                s[k] = states[0][k].clone()
+    w = [0.2, 0.3, 0.5]
+    out = aggregate_states(states, w, method, **({"phase": "B"} if method == "rolora" else
+                                                 {"steps": 50} if method == "lorafair" else {}))
+    assert set(out.state) <= set(template)
+    result = set_peft_model_state_dict(model, out.state)
+    assert not result.unexpected_keys
+    back = get_peft_model_state_dict(model)
+    for k, v in out.state.items():
+        assert torch.equal(back[k], v)
+    scaling = 6 / 2
+    for layer, dw in out.delta_w.items():                             # the caller's fold, as README shows
+        model.get_submodule(layer).base_layer.weight.data += scaling * dw
+    if method == "flora":
+        for k in back:
+            if "lora_B" in k:
+                model.get_submodule(k.rsplit(".lora_B", 1)[0]).lora_B["default"].weight.data.zero_()
+    if method in ("flora", "fedex"):                                  # exact: W0 + s dW in every layer
+        for layer in out.delta_w:
+            A = torch.stack([s[layer + ".lora_A.weight"] for s in states])
+            B = torch.stack([s[layer + ".lora_B.weight"] for s in states])
+            m = model.get_submodule(layer)
+            eff = m.base_layer.weight + scaling * (m.lora_B["default"].weight @ m.lora_A["default"].weight)
+            name = layer[len("base_model.model."):] + ".weight"
+            want = W0[name] + scaling * dense_dW(A.double(), B.double(), torch.tensor(w, dtype=torch.float64))
+            torch.testing.assert_close(eff.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_aggregators_and_states_work_copied_alone(tmp_path):
+    """Copied into an empty folder, the two files import with torch and the standard library only
+    (every other module of this project and every other third-party package is blocked)."""
+    import pathlib
+    import shutil
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).parents[1]
+    for name in ("aggregators.py", "states.py"):
+        shutil.copy(root / name, tmp_path / name)
+    script = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        top = name.split('.')[0]\n"
+        "        if top in ('aggregators', 'states', 'torch') or top in sys.stdlib_module_names:\n"
+        "            return None\n"
+        "        raise ImportError(f'blocked: {name}')\n"
+        "import torch\n"                       # torch's own optional imports happen before the block
+        "sys.meta_path.insert(0, Block())\n"
+        "from states import aggregate_states\n"
+        "s = [{'l.lora_A.weight': torch.ones(1, 3) * k, 'l.lora_B.weight': torch.ones(2, 1)} for k in (1, 3)]\n"
+        "out = aggregate_states(s, [0.5, 0.5], 'lorafair', steps=5)\n"
+        "assert torch.equal(out.state['l.lora_A.weight'], torch.full((1, 3), 2.0))\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PATH": "", "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    import ast                                # and modules torch already loaded (numpy) are not used either
+    for name in ("aggregators.py", "states.py"):
+        for node in ast.walk(ast.parse((root / name).read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                tops = [a.name.split(".")[0] for a in node.names] if isinstance(node, ast.Import) else \
+                    [(node.module or "").split(".")[0]]
+                for top in tops:
+                    assert top in ("torch", "aggregators", "__future__") or top in sys.stdlib_module_names, \
+                        f"{name} imports {top}"
