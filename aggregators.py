@@ -37,6 +37,7 @@ This file depends on torch and the standard library only, so it can be copied al
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -378,12 +379,22 @@ def _cosine_parts(U: Tensor, V: Optional[Tensor], A_bar: Tensor, similarity: str
     raise ValueError(f"lorafair similarity must be 'flat' or 'column', got {similarity!r}")
 
 
-def _xavier(like: Tensor, seed: int) -> Tensor:
+def _xavier(like: Tensor, seed: int, layer: Names = "layer") -> Tensor:
     """xavier_uniform_ on each (fan_out, fan_in) matrix: U(-b, b), b = sqrt(6 / (fan_in + fan_out)),
-    drawn on the CPU in float64 so the same seed gives the same noise on every device."""
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.rand(like.shape, generator=g, dtype=torch.float64) * 2 - 1
-    return (noise * math.sqrt(6.0 / sum(like.shape[-2:]))).to(like)
+    drawn on the CPU in float64 so the same seed gives the same noise on every device. With one
+    name per batched layer, each layer draws from its own stream, seeded by (seed, its name): no
+    two layers share noise, and a layer's noise does not depend on how the layers were grouped."""
+    names = [layer] if isinstance(layer, str) else list(layer)
+    lead, mat = like.shape[:-2], like.shape[-2:]
+
+    def draw(shape, name: str) -> Tensor:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        return torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
+    if len(names) == math.prod(lead):                                # one name per layer (or one layer)
+        noise = torch.stack([draw(mat, name) for name in names]).reshape(like.shape)
+    else:                                                            # unnamed batch: one stream for it all
+        noise = draw(like.shape, "layer")
+    return (noise * math.sqrt(6.0 / sum(mat))).to(like)
 
 
 def _check_fair_options(steps: int, lr: float, lam: float, init: str, correct: str) -> None:
@@ -442,9 +453,9 @@ def lorafair(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", ste
     _padding(A, B, ranks, layer)
     _check_fair_options(steps, lr, lam, init, correct)
     A_bar, B_bar, U, V = _fair_inputs(A, B, w)
-    start = (lambda X, s: torch.zeros_like(X)) if init == "zeros" else _xavier
-    dB = start(B_bar, seed) if correct != "A" else None      # (..., d_out, r)
-    dA = start(A_bar, seed + 1) if correct != "B" else None  # (..., r, d_in)
+    start = (lambda X, s, names: torch.zeros_like(X)) if init == "zeros" else _xavier
+    dB = start(B_bar, seed, layer) if correct != "A" else None      # (..., d_out, r)
+    dA = start(A_bar, seed + 1, layer) if correct != "B" else None  # (..., r, d_in)
     if similarity == "flat" and correct == "B":
         C, G, nX = _flat_terms(U, V, A_bar, eps)
         return _cast(Update(A_bar, B_bar + _sgd_flat_B(B_bar, dB, C, G, nX, steps, lr, lam, eps), None), dtype)

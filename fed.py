@@ -172,7 +172,7 @@ class Federation:
         cuda = self.device.type == "cuda"
         loader = DataLoader(Subset(_Indexed(self.train_set(client)), client.indices), batch_size=cfg.batch_size,
                             shuffle=True, generator=g, num_workers=cfg.workers, pin_memory=cuda,
-                            persistent_workers=False)
+                            persistent_workers=cfg.workers > 0)   # one worker pool for all epochs
         params = [p for p in model.parameters() if p.requires_grad]
         masks = []                                                       # (param, 0/1 mask) for r_k < R
         if client.rank is not None and client.rank < self.R:
@@ -261,8 +261,8 @@ class Federation:
         phase = ("B" if t % 2 == 0 else "A") if cfg.method == "rolora" else None   # B first: A's grad is 0 at B = 0
         self.set_trainable_factors(phase)
         if cfg.client_init == "fresh" and t > 0 and cfg.method != "flora":  # flora restarts LoRA already
-            fold_into_base(self.model, {p: lora.lora_B.weight @ lora.lora_A.weight
-                                        for p, (lora, _, _) in lora_layers(self.model).items()})
+            fold_into_base(self.model, self.from_lead({p: (lora.lora_B.weight @ lora.lora_A.weight).detach()
+                                                       for p, (lora, _, _) in lora_layers(self.model).items()}))
             reset_lora(self.model, _seed(cfg.seed, t, 4))
         glob = trainable_state(self.model)
 
@@ -312,14 +312,10 @@ class Federation:
         if cfg.method == "fedsa":   # the global B (for global evaluation) is B_bar; clients keep their own
             for key in self.b_keys:
                 new[key] = weighted_mean(torch.stack([u[key] for u in uploads]), w.to(uploads[0][key]))
-        if self.world > 1:   # rank 0's result everywhere, so last-bit differences can never accumulate
-            flat = torch.cat([new[key].reshape(-1) for key in glob])
-            dist.broadcast(flat, src=0)
-            new = dict(zip(glob, (x.view_as(glob[key]) for key, x in
-                                  zip(glob, flat.split([v.numel() for v in glob.values()])))))
-        load_lora_state(self.model, new)
+        new = self.from_lead({key: new[key] for key in glob})    # rank 0's result everywhere, folds too,
+        load_lora_state(self.model, new)                         # so last-bit differences never accumulate
         if agg.delta_w:
-            fold_into_base(self.model, agg.delta_w)
+            fold_into_base(self.model, self.from_lead(agg.delta_w))
         if cfg.method == "flora":   # fresh LoRA for next round, the same on every client
             reset_lora(self.model, _seed(cfg.seed, t + 1, 4))
         t_agg = time.perf_counter() - tic
@@ -331,6 +327,20 @@ class Federation:
                 "cos": sum(agg.cos.values()) / len(agg.cos),
                 "rel_err": sum(agg.rel_err.values()) / len(agg.rel_err),
                 "seconds": {"train": t_train, "aggregate": t_agg}}
+
+    def from_lead(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """torch.distributed: rank 0's values of `tensors` on every process (one broadcast per dtype),
+        so what changes the model (the new adapter, a fold into W0) comes from one source even
+        where processes would round differently (mixed hardware). One process: `tensors` as given."""
+        if self.world == 1 or not tensors:
+            return tensors
+        out = {}
+        for dt in sorted({v.dtype for v in tensors.values()}, key=str):
+            ks = [k for k, v in tensors.items() if v.dtype == dt]
+            flat = torch.cat([tensors[k].reshape(-1) for k in ks])
+            dist.broadcast(flat, src=0)
+            out.update({k: x.view_as(tensors[k]) for k, x in zip(ks, flat.split([tensors[k].numel() for k in ks]))})
+        return {k: out[k] for k in tensors}
 
     def wire_bytes(self, upload: dict[str, Tensor], ranks: list[int], phase: Optional[str],
                    delta_w: dict[str, Tensor]) -> dict[str, int]:
@@ -357,35 +367,49 @@ class Federation:
         return {"up": int(up), "down": int(down)}
 
     def exchange(self, results: list, m: int, like: dict[str, Tensor]) -> list:
-        """all_gather every process's (k, upload, loss): one row per client, [k, loss, *flat upload].
+        """all_gather every process's (k, upload, loss): the client index and loss as one float64
+        row (exact for any index below 2^53), the upload as one row per dtype of its tensors, so a
+        bf16 model sends bf16 and nothing is rounded on the way.
 
         Only LoRA factors and heads (the trainable tensors) and the client index cross the wire; the
         client sizes n_k are known to every process already. Rows are padded to the largest share.
+        Every received tensor is copied out of the gathered buffer, so a client's stored state owns
+        its memory (a view would keep the whole round's buffer alive).
         """
         per = -(-m // self.world)                                            # ceil(m / world)
-        keys, shapes = list(like), [v.shape for v in like.values()]
-        width = 2 + sum(v.numel() for v in like.values())
-        dtype = next(iter(like.values())).dtype
-        rows = torch.full((per, width), -1.0, device=self.device, dtype=dtype)  # (per, 2 + P); k = -1: padding
+        keys = list(like)
+        dtypes = sorted({v.dtype for v in like.values()}, key=str)
+        groups = {dt: [key for key in keys if like[key].dtype == dt] for dt in dtypes}
+        meta = torch.full((per, 2), -1.0, device=self.device, dtype=torch.float64)   # (per, 2): k, loss; k = -1 pads
+        rows = {dt: torch.zeros(per, sum(like[key].numel() for key in ks), device=self.device, dtype=dt)
+                for dt, ks in groups.items()}                                # per dtype: (per, P_dtype)
         for i, (k, up, loss) in enumerate(results):
-            rows[i, 0], rows[i, 1] = k, loss
-            rows[i, 2:] = torch.cat([up[key].reshape(-1) for key in keys])
-        gathered = [torch.empty_like(rows) for _ in range(self.world)]
-        dist.all_gather(gathered, rows)
+            meta[i, 0], meta[i, 1] = k, loss
+            for dt, ks in groups.items():
+                rows[dt][i] = torch.cat([up[key].reshape(-1) for key in ks])
+
+        def gather(x: Tensor) -> Tensor:
+            parts = [torch.empty_like(x) for _ in range(self.world)]
+            dist.all_gather(parts, x)
+            return torch.cat(parts)
+        meta = gather(meta).cpu()
+        rows = {dt: gather(x) for dt, x in rows.items()}
         out = []
-        for row in torch.cat(gathered):
-            if row[0] < 0:
+        for j, (k, loss) in enumerate(meta.tolist()):
+            if k < 0:
                 continue
-            parts = row[2:].split([math.prod(s) for s in shapes])
-            out.append((int(row[0]), {key: p.view(s).to(like[key].dtype) for key, p, s in zip(keys, parts, shapes)},
-                        float(row[1])))
+            up = {}
+            for dt, ks in groups.items():
+                parts = rows[dt][j].split([like[key].numel() for key in ks])
+                up.update({key: p.view(like[key].shape).clone() for key, p in zip(ks, parts)})
+            out.append((int(k), {key: up[key] for key in keys}, loss))
         return out
 
     # ------------------------------------------------------------------ evaluation
 
     @torch.no_grad()
-    def accuracy(self, dataset) -> tuple[float, int]:
-        """Top-1 over the readable images of `dataset`, and the number of unreadable ones."""
+    def counts(self, dataset) -> tuple[int, int, int]:
+        """(correct, readable, unreadable) top-1 counts of the current model on `dataset`."""
         cuda = self.device.type == "cuda"
         loader = DataLoader(dataset, batch_size=max(self.cfg.batch_size, 256), num_workers=self.cfg.workers,
                             pin_memory=cuda)
@@ -399,32 +423,44 @@ class Federation:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with amp:
                 correct += (self.model(x).argmax(-1) == y).sum()   # y = -1 never matches
-        if n and bad == n:
-            raise DataError(f"every one of the {n} test images could not be decoded; check the image files")
-        return int(correct) / max(n - bad, 1), bad
+        return int(correct), n - bad, bad
 
     def evaluate(self) -> dict[str, float]:
         """Top-1 of the global model on each domain's test split, and their mean (the paper's metric).
 
         FedSA-LoRA is personalised: a domain is scored with each of its clients' own B, averaged.
         Unreadable test images are left out (not scored as wrong) and counted in `unreadable_test`.
+        Under torch.distributed every process calls this: the (domain, adapter) evaluations are
+        shared out round-robin and their counts summed with one all_reduce, so no process waits
+        while another evaluates alone.
         """
-        acc = {}
         glob = trainable_state(self.model)
-        for d, dom in enumerate(self.domains):
+        items = []                                       # (domain index, client whose own adapter, or None)
+        for d in range(len(self.domains)):
             own = [c for c in self.clients if c.domain == d and c.state] if self.cfg.method == "fedsa" else []
-            if own:
-                scores = []
-                for c in own:
-                    load_lora_state(self.model, c.state)
-                    self.set_scaling(c.scale or self.scale)
-                    a, self.unreadable_test[dom.name] = self.accuracy(dom.test)
-                    scores.append(a)
+            items += [(d, c) for c in own] or [(d, None)]
+        found = torch.zeros(len(items), 3, dtype=torch.long)                 # (items, 3): correct, readable, bad
+        for i in range(self.rank, len(items), self.world):
+            d, c = items[i]
+            if c is not None:
+                load_lora_state(self.model, c.state)
+                self.set_scaling(c.scale or self.scale)
+            found[i] = torch.tensor(self.counts(self.domains[d].test))
+            if c is not None:
                 load_lora_state(self.model, glob)
                 self.set_scaling(self.scale)
-                acc[dom.name] = sum(scores) / len(scores)
-            else:
-                acc[dom.name], self.unreadable_test[dom.name] = self.accuracy(dom.test)
+        if self.world > 1:
+            found = found.to(self.device)
+            dist.all_reduce(found)                                           # each row filled by one process
+            found = found.cpu()
+        acc = {}
+        for d, dom in enumerate(self.domains):
+            rows = [found[i].tolist() for i, (e, _) in enumerate(items) if e == d]
+            if all(ok == 0 and bad > 0 for _, ok, bad in rows):
+                raise DataError(f"every one of the {rows[0][2]} test images of {dom.name} could not be decoded; "
+                                "check the image files")
+            acc[dom.name] = sum(right / max(ok, 1) for right, ok, _ in rows) / len(rows)
+            self.unreadable_test[dom.name] = rows[-1][2]
         acc["mean"] = sum(acc.values()) / len(self.domains)
         return acc
 

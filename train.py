@@ -43,7 +43,8 @@ DATASET_DEFAULTS = {
                    eval_every=2, n_train=320, n_test=200),
 }
 # keys of config.json that must match for --resume (the rest may change: rounds, device, workers, out)
-RESUME_FREE = {"rounds", "resume", "out", "device", "workers", "progress", "eval_every", "dist_timeout"}
+RESUME_FREE = {"rounds", "resume", "out", "device", "workers", "progress", "eval_every", "dist_timeout", "amp",
+               "deterministic"}
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "final.safetensors", "merged.safetensors")
 
 
@@ -107,8 +108,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="hetlora: weight clients by p_k ||B_k A_k|| instead of ||B_k A_k|| alone")
     p.add_argument("--florist-tau", type=float, default=0.9, help="florist: share of sum sigma^2 the kept components reach")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (GPU default)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (0 on CPU, 8 on GPU)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on where the GPU has native bf16, compute capability >= 8.0)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers (default: 8 on GPU for image files, else 0)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="GPU: deterministic kernels only (torch.use_deterministic_algorithms), so that the same "
+                        "seed gives the same result; CPU runs are repeatable without it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/latest")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -145,6 +151,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.local_epochs <= 0 and not args.local_steps:
         raise UserError("--local-epochs must be > 0 unless --local-steps is given")
     check_method_options(args)
+    check_combination(args)
     if args.local_head and args.method != "fedsa":
         raise UserError(f"--local-head applies to --method fedsa (its clients keep their own B), not {args.method}")
     if args.dataset != "shapes" and not args.data_root:
@@ -158,9 +165,22 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.device = ("cuda" if cuda else "cpu") if args.device == "auto" else args.device
     if args.device.startswith("cuda") and not cuda:
         raise UserError(f"--device {args.device} but CUDA is not available; use --device cpu")
-    args.amp = args.device.startswith("cuda") if args.amp is None else args.amp
-    args.workers = (8 if args.device.startswith("cuda") else 0) if args.workers is None else args.workers
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        raise UserError(f"--device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    args.amp = bf16_native(args.device) if args.amp is None else args.amp
+    if args.workers is None:   # decoding files in parallel pays; in-memory tensors (shapes) need no workers
+        args.workers = 8 if args.device.startswith("cuda") and args.dataset != "shapes" else 0
     return args
+
+
+def bf16_native(device: str) -> bool:
+    """Whether bf16 runs in hardware on `device`: CUDA compute capability 8.0 (Ampere) or later.
+    Older GPUs emulate it, slower than float32, so --amp is off there unless asked for."""
+    return device.startswith("cuda") and torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
 
 
 OPTION_FLAGS = {   # method -> {aggregator option: train.py argument}
@@ -169,6 +189,46 @@ OPTION_FLAGS = {   # method -> {aggregator option: train.py argument}
     "hetlora": {"use_p": "hetlora_use_p"},
     "florist": {"tau": "florist_tau"},
 }
+
+
+# --method x --client-init pairs that have no consistent meaning: refused before any work.
+# Every other pair is defined (README, "Option combinations"; tests/test_train.py enumerates them).
+REFUSED_INIT = {
+    ("flora", "local"): "flora folds each round's dW into W0, so a client that continued from its own adapter "
+                        "would count its update twice",
+    ("fedex", "local"): "fedex folds dW - B_bar A_bar into W0 for clients that restart from (A_bar, B_bar); a "
+                        "client that continued from its own adapter would count its update twice",
+    ("rolora", "local"): "rolora trains one factor a round against a factor shared by every client; clients' own "
+                         "adapters do not share it",
+    ("fedsa", "local"): "fedsa already keeps each client's B and shares A; for fully local adapters use "
+                        "--method fedit --client-init local",
+    ("fedsa", "fresh"): "a freshly drawn A would be paired with each client's old B",
+    ("rolora", "fresh"): "a fresh LoRA has B = 0, so in every phase-'A' round (only A trains) A's gradient is "
+                         "exactly zero",
+}
+
+
+def check_combination(args) -> None:
+    """Refuse, in one line and before any work, option combinations with no defined meaning."""
+    why = REFUSED_INIT.get((args.method, args.client_init))
+    if why:
+        raise UserError(f"--method {args.method} with --client-init {args.client_init}: {why}")
+    defaults = get_args_parser().parse_args([])
+    for method, flags in OPTION_FLAGS.items():
+        for dest in flags.values():
+            if method != args.method and getattr(args, dest) != getattr(defaults, dest):
+                raise UserError(f"--{dest.replace('_', '-')} applies to --method {method}, not {args.method}")
+    if args.centralised:
+        for dest, what in (("participation", "there is one client, always taking part"),
+                           ("ranks", "there is one client: give its rank with --rank"),
+                           ("clients_per_domain", "one client holds every domain's data")):
+            if getattr(args, dest) != getattr(defaults, dest):
+                raise UserError(f"--{dest.replace('_', '-')} does not apply to --centralised: {what}")
+    if args.rank_by != defaults.rank_by and not args.ranks:
+        raise UserError("--rank-by needs --ranks (the list it assigns)")
+    if args.dataset == "shapes" and args.num_classes != DATASET_DEFAULTS["shapes"]["num_classes"]:
+        raise UserError(f"--num-classes {args.num_classes}: the shapes task has exactly "
+                        f"{DATASET_DEFAULTS['shapes']['num_classes']} classes (0..9); leave --num-classes out")
 
 
 def method_options(args) -> dict:
@@ -257,9 +317,10 @@ def write_out(args, listing) -> None:
     os.makedirs(args.out, exist_ok=True)
     if listing is not None and listing.split_dir is None and not args.resume:
         write_splits(listing, os.path.join(args.out, "splits"))
-    if not args.resume:
-        with open(os.path.join(args.out, "config.json"), "w") as f:
-            json.dump(config_of(args), f, indent=1)
+    path = os.path.join(args.out, "config.json")   # resumed: only RESUME_FREE entries (e.g. rounds) change
+    with open(path + ".tmp", "w") as f:
+        json.dump(config_of(args), f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def agree(world: int, rank: int, error: Exception | None, value: bool = False, device: str = "cpu") -> bool:
@@ -287,6 +348,8 @@ def setup_distributed(args) -> tuple[int, int, bool]:
     import torch.distributed as dist
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
+        if args.device.startswith("cuda"):
+            torch.cuda.set_device(args.device)   # cuda:1: kernels, autocast and caches on that device
         return 0, 1, False
     created = not dist.is_initialized()
     cuda = args.device.startswith("cuda")
@@ -301,8 +364,13 @@ def setup_distributed(args) -> tuple[int, int, bool]:
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     rank, world, created = 0, 1, False
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         args = resolve(args)
+        if args.deterministic:   # cuBLAS reads its workspace setting when first used: set it before any work
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
         rank, world, created = setup_distributed(args)
         return run(args, rank, world)
     except (UserError, DataError, ModelError) as e:
@@ -317,6 +385,7 @@ def main(argv=None) -> int:
               "continue with --resume", file=sys.stderr)
         return 1
     finally:
+        torch.use_deterministic_algorithms(was_deterministic)
         if created:
             torch.distributed.destroy_process_group()
 
@@ -325,7 +394,7 @@ def run(args, rank: int = 0, world: int = 1) -> int:
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    lead = rank == 0                     # logging, progress bars, evaluation and files: rank 0 only
+    lead = rank == 0                     # logging, progress bars and files: rank 0 only
     args.progress = args.progress and lead
     listing = error = resume = None
     try:                                 # every check first (cheap), then the expensive work; nothing written
@@ -392,11 +461,13 @@ def run(args, rank: int = 0, world: int = 1) -> int:
     for _ in tqdm(range(done, args.rounds), desc=args.method, initial=done, total=args.rounds,
                   disable=not args.progress):
         rec = fed.run_round()
-        if not lead:
-            continue
         tic = time.perf_counter()
-        if rec["round"] % args.eval_every == 0 or rec["round"] == args.rounds:
-            acc = fed.evaluate()
+        evaluated = rec["round"] % args.eval_every == 0 or rec["round"] == args.rounds
+        if evaluated:
+            acc = fed.evaluate()                 # every process: the evaluations are shared out
+        if not lead:
+            continue                             # to the next round's first collective: rank 0 only writes files
+        if evaluated:
             rec["acc"] = acc
             tqdm.write(f"round {rec['round']:3d} | loss {rec['train_loss']:.3f} | cos(dW, applied) "
                        f"{rec['cos']:.4f} | mean acc {100 * acc['mean']:.2f}%", file=sys.stderr)
@@ -406,7 +477,11 @@ def run(args, rank: int = 0, world: int = 1) -> int:
             f.write(json.dumps(rec) + "\n")
         save_checkpoint(fed, args.out)
     error = None
-    if lead:
+    try:
+        acc = acc or fed.evaluate()              # e.g. resumed after the last round: every process again
+    except DataError as e:
+        error = e
+    if lead and error is None:
         try:
             finish(args, fed, acc)
         except (UserError, DataError, ModelError) as e:
@@ -447,14 +522,13 @@ def export(args, fed: Federation) -> None:
         os.remove(note)
 
 
-def finish(args, fed: Federation, acc: dict | None) -> None:
-    """Rank 0, after the last round: final evaluation, report, final.safetensors."""
+def finish(args, fed: Federation, acc: dict) -> None:
+    """Rank 0, after the last round: report, final.safetensors, exports."""
     from safetensors.torch import save_file
-    acc = acc or fed.evaluate()
     if fed.unreadable():
         print("warning: images that could not be decoded were left out of training and evaluation: " + ", ".join(
             f"{d} {n['train']} train / {n['test']} test" for d, n in fed.unreadable().items()), file=sys.stderr)
-    final = {k: v for k, v in fed.state_tensors().items() if k.startswith(("global/", "base/"))}
+    final = {k: v for k, v in fed.state_tensors().items() if k.startswith(("global/", "base/", "client"))}
     save_file(final, os.path.join(args.out, "final.safetensors.tmp"), metadata={"method": args.method})
     os.replace(os.path.join(args.out, "final.safetensors.tmp"), os.path.join(args.out, "final.safetensors"))
     export(args, fed)

@@ -5,8 +5,9 @@
     python bench/compare.py --ranks 4,8,16           # heterogeneous client ranks, cycled over the clients
     python bench/compare.py --dataset domainnet --data-root /data/domainnet --rounds 30 --local-epochs 1
 
-Every variant runs train.py with the same settings, once per seed; finished runs in --out are
-reused, unfinished ones resumed. Writes to --out: table.md (per-domain top-1, mean +- std over
+Every variant runs train.py with the same settings, once per seed; a run already in --out is
+reused when finished and resumed when not, but only if its config.json records the same settings
+(otherwise compare.py stops and says what differs). Writes to --out: table.md (per-domain top-1, mean +- std over
 seeds, the paper's layout), curves.csv (per round: mean accuracy, cos(dW, dW_applied),
 relative error), curves.png (mean accuracy and cos per round, per variant).
 
@@ -59,13 +60,39 @@ def get_args_parser():
     return p
 
 
+def recorded_differences(argv: list[str], out: str) -> tuple[list[str], int]:
+    """How the run recorded in <out>/config.json differs from what `argv` asks for (settings that
+    change results; device, workers and the like do not), and the rounds it was run for."""
+    with open(os.path.join(out, "config.json")) as f:
+        old = json.load(f)
+    new = train.config_of(train.resolve(train.get_args_parser().parse_args([*argv, "--out", out])))
+    defaults = vars(train.get_args_parser().parse_args([]))
+    free = train.RESUME_FREE
+    diff = [f"{k}: {old.get(k, defaults.get(k))!r} there, {new.get(k)!r} asked" for k in sorted(set(old) | set(new))
+            if k not in free and old.get(k, defaults.get(k)) != new.get(k)]
+    return diff, old["rounds"]
+
+
 def run_variant(name: str, argv: list[str], out: str) -> list[dict]:
-    """Run (or resume, or reuse) one variant for one seed; return its metrics records."""
-    final = os.path.join(out, "final.safetensors")
-    if not os.path.isfile(final):
-        resume = ["--resume"] if os.path.isfile(os.path.join(out, "config.json")) else []   # started before
-        print(f"== {name}: {' '.join(argv)}", file=sys.stderr)
-        if train.main([*argv, "--out", out, "--no-progress", *resume]) != 0:
+    """Run, resume or reuse one variant for one seed; return its metrics records.
+
+    A run already in `out` is reused (finished) or continued (stopped early, or asked for more
+    rounds) only when its recorded settings equal the requested ones; otherwise this stops and
+    says what differs, so a table never shows old numbers under new settings."""
+    started = os.path.isfile(os.path.join(out, "config.json"))
+    rounds = train.resolve(train.get_args_parser().parse_args([*argv, "--out", out])).rounds
+    if started:
+        diff, done = recorded_differences(argv, out)
+        if diff:
+            raise SystemExit(f"{name}: {out} holds a run with other settings ({'; '.join(diff[:3])}); "
+                             "pass another --out, or delete that folder to rerun it")
+        if done > rounds:
+            raise SystemExit(f"{name}: {out} holds a run of {done} rounds, {rounds} asked; pass another --out")
+    if started and done == rounds and os.path.isfile(os.path.join(out, "final.safetensors")):
+        print(f"== {name}: reusing {out} (same settings, {rounds} rounds)", file=sys.stderr)
+    else:
+        print(f"== {name}: {' '.join(argv)}" + (" (continuing the run there)" if started else ""), file=sys.stderr)
+        if train.main([*argv, "--out", out, "--no-progress", *(["--resume"] if started else [])]) != 0:
             raise SystemExit(f"{name} failed; see the error above")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]

@@ -279,6 +279,23 @@ def test_lorafair_seeded_xavier_is_reproducible():
     assert not torch.equal(u1.B, lorafair(A, B, w, init="xavier", steps=10, seed=6).B)
 
 
+def test_xavier_noise_is_drawn_per_layer_by_name():
+    """Two layers of the same (d_out, r) (a ViT's attn.proj and mlp.fc2) never share noise, and a
+    layer's noise is the same whether it is aggregated alone or batched with others."""
+    A, B, w = clients(K=3, lead=(2,))
+    A, B = A.clone(), B.clone()
+    A[1], B[1] = A[0], B[0]                                     # two identical layers...
+    names = ["blocks.0.attn.proj", "blocks.0.mlp.fc2"]
+    u = lorafair(A, B, w, init="xavier", steps=0, seed=5, layer=names)
+    fedit_B = fedit(A, B, w).B
+    noise = u.B - fedit_B                                        # steps=0: the residual is the noise itself
+    assert not torch.allclose(noise[0], noise[1])               # ...get different noise
+    bound = (6 / (D_OUT + R)) ** 0.5
+    assert noise.abs().max() <= bound and noise.abs().max() > 0.5 * bound
+    alone = lorafair(A[1], B[1], w, init="xavier", steps=0, seed=5, layer=names[1])
+    torch.testing.assert_close(alone.B, u.B[1], rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- batching, devices
 
 @pytest.mark.parametrize("method", list(AGGREGATORS))

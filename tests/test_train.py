@@ -12,7 +12,7 @@ from backbone import shapes_vit
 from train import main
 
 TINY = ["--no-pretrained", "--domains", "clipart,sketch", "--n-train", "24", "--n-test", "10",
-        "--batch-size", "8", "--local-steps", "2", "--rank", "2", "--fair-steps", "10", "--no-progress",
+        "--batch-size", "8", "--local-steps", "2", "--rank", "2", "--no-progress",
         "--eval-every", "1"]
 
 
@@ -279,7 +279,7 @@ def test_rank_by_domain_gives_every_client_of_a_domain_its_rank():
 @pytest.mark.parametrize("method, extra, options", [
     ("florist", ["--florist-tau", "0.5"], {"tau": 0.5}),
     ("hetlora", ["--hetlora-use-p"], {"use_p": True}),
-    ("lorafair", ["--fair-lam", "0.2"], {"steps": 10, "lr": 0.01, "lam": 0.2, "init": "zeros", "similarity": "flat",
+    ("lorafair", ["--fair-lam", "0.2"], {"steps": 1000, "lr": 0.01, "lam": 0.2, "init": "zeros", "similarity": "flat",
                                          "correct": "B"}),
     ("fedit", [], {}),
 ])
