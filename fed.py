@@ -148,6 +148,11 @@ class Federation:
             load_lora_state(self.model, client.state)
         self.set_scaling(client.scale or self.scale)
 
+    @torch.no_grad()
+    def adapter_products(self) -> dict[str, Tensor]:
+        """B A of every adapter (B @ A units), what client_init='fresh' folds into W0."""
+        return {p: lora.lora_B.weight @ lora.lora_A.weight for p, (lora, _, _) in lora_layers(self.model).items()}
+
     def set_scaling(self, s: float) -> None:
         for lora, _, _ in lora_layers(self.model).values():
             lora.scaling = s
@@ -261,8 +266,7 @@ class Federation:
         phase = ("B" if t % 2 == 0 else "A") if cfg.method == "rolora" else None   # B first: A's grad is 0 at B = 0
         self.set_trainable_factors(phase)
         if cfg.client_init == "fresh" and t > 0 and cfg.method != "flora":  # flora restarts LoRA already
-            fold_into_base(self.model, self.from_lead({p: (lora.lora_B.weight @ lora.lora_A.weight).detach()
-                                                       for p, (lora, _, _) in lora_layers(self.model).items()}))
+            fold_into_base(self.model, self.from_lead(self.adapter_products()))
             reset_lora(self.model, _seed(cfg.seed, t, 4))
         glob = trainable_state(self.model)
 

@@ -4,6 +4,10 @@
     dist_worker.py OUT resume        lorafair: 1 round, then --resume to 2 rounds
     dist_worker.py OUT die           rank 1 dies during round 2 (no agent to kill rank 0 for it)
     dist_worker.py OUT images ROOT   fedit on the DomainNet tree ROOT (some images unreadable), 2 rounds
+    dist_worker.py OUT slow-eval     fedit, every evaluated domain takes 4 s, --dist-timeout 6
+    dist_worker.py OUT drift         fedex, flora, fedit --client-init fresh: rank 1 computes its folds
+                                     slightly differently (as other hardware would); each rank saves
+                                     its state after every round to OUT/<run>/rank<r>-round<t>.safetensors
 """
 import os
 import sys
@@ -30,6 +34,40 @@ if mode == "resume":
     sys.exit(max(codes))
 if mode == "images":
     sys.exit(main(IMAGES(sys.argv[3]) + ["--out", out]))
+if mode == "slow-eval":
+    import time
+    orig_counts = fed.Federation.counts
+
+    def counts(self, dataset):
+        time.sleep(4)
+        return orig_counts(self, dataset)
+    fed.Federation.counts = counts
+    sys.exit(main([*TINY, "--method", "fedit", "--rounds", "2", "--out", out, "--dist-timeout", "6"]))
+if mode == "drift":
+    from safetensors.torch import save_file
+    real_aggregate, real_products, real_round = fed.aggregate_states, fed.Federation.adapter_products, \
+        fed.Federation.run_round
+    nudge = (lambda d: {k: v + 1e-3 for k, v in d.items()}) if int(os.environ["RANK"]) == 1 else (lambda d: d)
+
+    def aggregate_states(*a, **kw):
+        agg = real_aggregate(*a, **kw)
+        return agg._replace(state=nudge(agg.state), delta_w=nudge(agg.delta_w))
+
+    def run_round(self):
+        rec = real_round(self)
+        save_file(self.state_tensors(), os.path.join(self.run_dir, f"rank{self.rank}-round{self.round}.safetensors"))
+        return rec
+    fed.aggregate_states = aggregate_states
+    fed.Federation.adapter_products = lambda self: nudge(real_products(self))
+    fed.Federation.run_round = run_round
+    dist.init_process_group("gloo")
+    codes = []
+    for name, extra in (("fedex", ["--method", "fedex"]), ("flora", ["--method", "flora"]),
+                        ("fresh", ["--method", "fedit", "--client-init", "fresh"])):
+        fed.Federation.run_dir = os.path.join(out, name)
+        codes.append(main([*TINY, *extra, "--rounds", "3", "--out", os.path.join(out, name)]))
+    dist.destroy_process_group()
+    sys.exit(max(codes))
 if mode == "die":
     orig = fed.Federation.local_train
 

@@ -83,3 +83,58 @@ def test_a_dead_rank_ends_the_run_with_an_error(tmp_path):
     assert "error: rank 0 of 2: lost the other processes" in out0[1], out0[1][-3000:]
     ckpt = load_file(tmp_path / "run" / "checkpoint.safetensors")          # round 1's, intact
     assert any(k.endswith("lora_A.weight") for k in ckpt)
+
+
+def test_exchange_is_exact_for_any_dtype_and_stored_state_owns_its_memory(tmp_path):
+    """A bf16 model's uploads cross the wire in bf16, the client index and loss in float64 (client
+    257 stays 257, the loss keeps every bit), and what comes out owns its storage."""
+    import torch.distributed as dist
+    from tests.test_fed import federation
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        fed = federation("fedit")
+        like = {k: v.to(torch.bfloat16) for k, v in fed.model.state_dict().items() if "lora_" in k}
+        like["head.weight"] = torch.zeros(3, 4, dtype=torch.float32)              # mixed dtypes
+        g = torch.Generator().manual_seed(0)
+        ups = [{k: torch.randn(v.shape, generator=g).to(v.dtype) for k, v in like.items()} for _ in range(2)]
+        results = [(257, ups[0], 1.2345678901234567), (4099, ups[1], float(2 ** 30 + 1))]
+        out = fed.exchange(results, 2, like)
+        assert [(k, loss) for k, _, loss in out] == [(257, 1.2345678901234567), (4099, float(2 ** 30 + 1))]
+        for (_, got, _), want in zip(out, ups):
+            assert got.keys() == want.keys()
+            for key in want:
+                assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key])
+                assert got[key].untyped_storage().nbytes() == got[key].numel() * got[key].element_size()
+    finally:
+        dist.destroy_process_group()
+
+
+def torchrun(tmp_path, *worker_args, timeout=600):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", WORKER, *worker_args]
+    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_slow_evaluation_does_not_kill_the_job(tmp_path):
+    """Evaluating takes 4 s a domain, twice the 2 domains' share; --dist-timeout is 6 s. Evaluated by
+    rank 0 alone (8 s a round) the other rank's wait would pass the timeout; shared, nobody waits."""
+    res = torchrun(tmp_path, str(tmp_path / "run"), "slow-eval")
+    assert res.returncode == 0, res.stderr[-3000:]
+    recs = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["round"] for r in recs] == [1, 2] and all("acc" in r for r in recs)
+    torch.set_num_threads(1)
+    assert main([*TINY, "--method", "fedit", "--rounds", "2", "--out", str(tmp_path / "one")]) == 0
+    assert [r["acc"] for r in recs] == [json.loads(x)["acc"] for x in open(tmp_path / "one" / "metrics.jsonl")]
+
+
+def test_folds_reach_every_rank_from_one_source(tmp_path):
+    """Rank 1 computes every fold 1e-3 off (as different hardware rounds differently); after every
+    round both ranks still hold rank 0's adapter and base weights, bit for bit."""
+    res = torchrun(tmp_path, str(tmp_path), "drift")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("fedex", "flora", "fresh"):
+        for t in (1, 2, 3):
+            a = load_file(tmp_path / name / f"rank0-round{t}.safetensors")
+            b = load_file(tmp_path / name / f"rank1-round{t}.safetensors")
+            assert any(k.startswith("base/") for k in a), name
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (name, t)

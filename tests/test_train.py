@@ -290,3 +290,137 @@ def test_method_options_reach_the_aggregator(tmp_path, monkeypatch, method, extr
     monkeypatch.setattr(fed, "aggregate_states", lambda s, w, m, **o: seen.append((m, o)) or real(s, w, m, **o))
     assert train(tmp_path, "--method", method, "--rounds", "1", *extra) == 0
     assert seen == [(method, options)]
+
+
+# ----------------------------------------------------------------------------- option combinations
+
+def expected_refusal(method, init, centralised, participation, fair):
+    """Which flag a combination is refused over (None: defined), written out independently of train.py."""
+    if (method, init) in {("flora", "local"), ("fedex", "local"), ("rolora", "local"), ("fedsa", "local"),
+                          ("fedsa", "fresh"), ("rolora", "fresh")}:
+        return "--client-init"
+    if fair and method != "lorafair":
+        return "--fair-lam"
+    if centralised and participation < 1:
+        return "--participation"
+    return None
+
+
+def combinations():
+    from train import get_args_parser
+    inits = next(a for a in get_args_parser()._actions if a.dest == "client_init").choices
+    for method in AGGREGATORS:       # a new method or --client-init choice is enumerated here by itself
+        for init in inits:
+            for centralised in (False, True):
+                for participation in (1.0, 0.5):
+                    for fair in (False, True):
+                        yield method, init, centralised, participation, fair
+
+
+def combination_argv(method, init, centralised, participation, fair):
+    return (["--method", method, "--client-init", init, "--participation", str(participation)]
+            + ["--centralised"] * centralised + ["--fair-lam", "0.1"] * fair)
+
+
+def test_every_combination_is_defined_or_refused_before_any_work(tmp_path, capsys):
+    """Refused: exit 2 with one line naming the flag, and --out never created. Defined: resolve
+    accepts it, and the run below (test_defined_combinations_run) carries it through."""
+    from train import UserError, get_args_parser, resolve
+    refused = defined = 0
+    for combo in combinations():
+        argv = [*TINY, "--rounds", "1", *combination_argv(*combo)]
+        flag = expected_refusal(*combo)
+        if flag is None:
+            resolve(get_args_parser().parse_args(argv))
+            defined += 1
+            continue
+        with pytest.raises(UserError) as e:
+            resolve(get_args_parser().parse_args(argv))
+        assert flag in str(e.value) and "\n" not in str(e.value), (combo, str(e.value))
+        refused += 1
+    assert main([*TINY, "--rounds", "1", "--out", str(tmp_path / "r"), "--method", "flora", "--client-init",
+                 "local"]) == 2 and not (tmp_path / "r").exists()
+    assert refused and defined
+
+
+DEFINED = sorted({(m, i, c) for m, i, c, p, f in combinations() if expected_refusal(m, i, c, p, f) is None})
+
+
+@pytest.mark.parametrize("method, init, centralised", DEFINED)
+def test_defined_combinations_run(tmp_path, method, init, centralised):
+    """Every defined (method, init, centralised) runs 2 rounds (half the clients a round where
+    federated) with finite metrics, the sampled clients it should have, and the export note where
+    updates were folded into the backbone."""
+    part = [] if centralised else ["--participation", "0.5", "--domains", "clipart,sketch,quickdraw,real"]
+    argv = combination_argv(method, init, centralised, 1.0, False)
+    assert train(tmp_path, *argv, "--rounds", "2", *part) == 0
+    recs = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["round"] for r in recs] == [1, 2]
+    for r in recs:
+        assert torch.isfinite(torch.tensor([r["train_loss"], r["cos"], r["rel_err"], r["acc"]["mean"]])).all()
+        assert len(r["clients"]) == (1 if centralised else 2)
+    folded = method in ("flora", "fedex") or init == "fresh"
+    assert (tmp_path / "run" / "adapter" / "NOTE.txt").exists() == folded
+
+
+def test_flora_with_fresh_clients_is_flora(tmp_path):
+    """FLoRA restarts every client from a fresh LoRA anyway: --client-init fresh is the same run."""
+    assert train(tmp_path, "--method", "flora", "--rounds", "2", name="a") == 0
+    assert train(tmp_path, "--method", "flora", "--client-init", "fresh", "--rounds", "2", name="b") == 0
+    a, b = (load_file(tmp_path / n / "final.safetensors") for n in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "fedit", "--florist-tau", "0.5"], "--florist-tau applies to --method florist, not fedit"),
+    (["--method", "fedit", "--hetlora-use-p"], "--hetlora-use-p applies to --method hetlora, not fedit"),
+    (["--centralised", "--ranks", "2,1"], "--ranks does not apply to --centralised"),
+    (["--centralised", "--clients-per-domain", "2"], "--clients-per-domain does not apply to --centralised"),
+    (["--rank-by", "domain"], "--rank-by needs --ranks"),
+    (["--num-classes", "5"], "--num-classes 5: the shapes task has exactly 10 classes"),
+    (["--device", "gpu"], "is not a device"),
+    pytest.param(["--device", "cuda:0"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+])
+def test_more_refusals_before_any_work(tmp_path, capsys, args, message):
+    assert main([*TINY, "--out", str(tmp_path / "run"), "--rounds", "1", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1] and not (tmp_path / "run").exists()
+
+
+def test_resume_updates_config_and_ignores_device_settings(tmp_path):
+    assert train(tmp_path, "--rounds", "1", "--method", "fedsa") == 0
+    assert train(tmp_path, "--rounds", "2", "--method", "fedsa", "--resume", "--amp", "--workers", "0") == 0
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["rounds"] == 2 and cfg["amp"] is True           # what the last part of the run used
+    final = load_file(tmp_path / "run" / "final.safetensors")   # fedsa: each client's own B behind its accuracy
+    assert {k.split("/")[0] for k in final} == {"global", "client0", "client1"}
+    assert all(k.endswith("lora_B.weight") for k in final if k.startswith("client"))
+
+
+def test_amp_and_workers_defaults(monkeypatch):
+    from train import bf16_native, get_args_parser, resolve
+    assert not bf16_native("cpu")
+    for capability, native in (((7, 5), False), ((8, 0), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert bf16_native("cuda:0") == native
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    args = resolve(get_args_parser().parse_args([*TINY, "--device", "cuda:1"]))
+    assert args.amp and args.workers == 0                        # shapes: in-memory tensors, no workers
+    args = resolve(get_args_parser().parse_args(["--dataset", "domainnet", "--data-root", "x", "--device", "cuda"]))
+    assert args.workers == 8
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert not resolve(get_args_parser().parse_args([*TINY, "--device", "cuda"])).amp
+    with pytest.raises(Exception, match="this machine has 2 CUDA device"):
+        resolve(get_args_parser().parse_args([*TINY, "--device", "cuda:2"]))
+
+
+def test_deterministic_flag_is_set_for_the_run_and_restored(tmp_path, monkeypatch):
+    seen = []
+    import fed
+    real = fed.Federation.run_round
+    monkeypatch.setattr(fed.Federation, "run_round",
+                        lambda self: seen.append(torch.are_deterministic_algorithms_enabled()) or real(self))
+    assert train(tmp_path, "--rounds", "1", "--method", "fedit", "--deterministic") == 0
+    assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
