@@ -431,6 +431,7 @@ def lorafair(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", ste
 
         dB = argmin [1 - cos(dW, (B_bar + dB) A_bar)] + lam ||dB||_F^2,
 
+    (Eq. 8 writes lam ||dB||; the square, smooth at dB = 0, is what the derived public code uses)
     found by `steps` steps of plain SGD at `lr` on the server, from dB = 0 ('zeros') or
     Xavier-uniform noise ('xavier'). W0 is never changed; clients start next round from
     (A_bar, B_bar + dB). Batched layers are independent terms of one summed loss, so one call
