@@ -651,6 +651,30 @@ def applied_update(update: Update, A: Tensor, B: Tensor, w: Tensor) -> Tensor:
     return out if update.delta_w is None else out + update.delta_w
 
 
+def bias_bounds(A: Tensor, B: Tensor, w, *, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
+    """FedIT's cos(dW, B_bar A_bar) and the ceiling of every method that keeps A_bar and refines B:
+
+        max_{B'} cos(dW, B' A_bar) = ||dW P||_F / ||dW||_F,   P = A_bar^T (A_bar A_bar^T)^+ A_bar,
+
+    the projection onto A_bar's row space (B' A_bar has its rows there, so <dW, B' A_bar> =
+    <dW P, B' A_bar> <= ||dW P|| ||B' A_bar||; equality at B' = C G^+). From the factors:
+    C = dW A_bar^T = U (V A_bar^T), G = A_bar A_bar^T, ||dW P||^2 = sum((C G^+) * C). LoRA-FAIR's
+    Eq. 8 cannot beat the ceiling; how far FedIT is below it is what it can correct at all.
+    In float64; two (...,) tensors.
+    """
+    A, B = A.detach().double(), B.detach().double()
+    w = torch.as_tensor(w).to(A.device, torch.float64)
+    A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)
+    U, V = stacked_factors(A, B, w)                                          # U: (..., d_out, K r)
+    C = U @ (V @ A_bar.mT)                                                    # (..., d_out, r)
+    G = A_bar @ A_bar.mT                                                      # (..., r, r)
+    nX = ((U.mT @ U) * (V @ V.mT)).sum((-2, -1)).clamp_min(0).sqrt().clamp_min(eps)
+    nY = ((B_bar @ G) * B_bar).sum((-2, -1)).clamp_min(0).sqrt().clamp_min(eps)
+    fedit_cos = (B_bar * C).sum((-2, -1)) / (nX * nY)
+    ceiling = ((C @ torch.linalg.pinv(G, hermitian=True)) * C).sum((-2, -1)).clamp_min(0).sqrt() / nX
+    return fedit_cos, ceiling.clamp(max=1.0)
+
+
 def diagnostics(update: Update, A: Tensor, B: Tensor, w, *, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
     """cos(dW, dW_applied) and ||dW - dW_applied||_F / ||dW||_F per layer: two (...,) tensors."""
     ct = torch.promote_types(A.dtype, torch.float32)                         # half precision: in float32

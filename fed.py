@@ -10,7 +10,8 @@ clients by adapter size only. A round:
   3. the server weights p_k = n_k / sum n_j over participants with finite updates, applies the
      method from aggregators.py (FedAvg for the head) and folds delta_w into W0 where the method
      does (FLoRA, FedEx-LoRA);
-  4. it logs cos(dW, dW_applied) and ||dW - dW_applied|| / ||dW||, averaged over layers.
+  4. it logs cos(dW, dW_applied) and ||dW - dW_applied|| / ||dW||, averaged over layers, and per
+     layer next to FedIT's cosine and the ceiling of any refined B (aggregators.bias_bounds).
 
 An image that exists but cannot be decoded arrives with label -1 (data.ImageList): it is left out
 of the loss and of accuracy, and counted once per domain (`unreadable()`).
@@ -330,6 +331,10 @@ class Federation:
                 "train_loss": sum(losses) / len(losses),
                 "cos": sum(agg.cos.values()) / len(agg.cos),
                 "rel_err": sum(agg.rel_err.values()) / len(agg.rel_err),
+                "cos_fedit": sum(agg.cos_fedit.values()) / len(agg.cos_fedit),   # FedIT's, same inputs
+                "ceiling": sum(agg.ceiling.values()) / len(agg.ceiling),         # best any B' on A_bar reaches
+                "layers": {p: {"cos": agg.cos[p], "cos_fedit": agg.cos_fedit[p], "ceiling": agg.ceiling[p]}
+                           for p in agg.cos},
                 "seconds": {"train": t_train, "aggregate": t_agg}}
 
     def from_lead(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -15,7 +15,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from aggregators import check_weights, diagnostics, get_aggregator, lorafair_groups
+from aggregators import bias_bounds, check_weights, diagnostics, get_aggregator, lorafair_groups
 
 
 class StateUpdate(NamedTuple):
@@ -23,6 +23,8 @@ class StateUpdate(NamedTuple):
     delta_w: dict[str, Tensor]  # layer prefix -> delta_w to fold into that layer's base weight
     cos: dict[str, float]       # layer prefix -> cos(dW, dW_applied)
     rel_err: dict[str, float]   # layer prefix -> ||dW - dW_applied|| / ||dW||
+    cos_fedit: dict[str, float]  # layer prefix -> FedIT's cos(dW, B_bar A_bar), the bias before any fix
+    ceiling: dict[str, float]   # layer prefix -> max over B' of cos(dW, B' A_bar) (aggregators.bias_bounds)
 
 
 def _lora_key(key: str) -> Optional[tuple[str, str, Optional[str]]]:
@@ -100,9 +102,10 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
     else:
         updates = [fn(A, B, wg, layer=group, **options) for group, A, B, wg in stacks]
 
-    out = StateUpdate({}, {}, {}, {})
+    out = StateUpdate({}, {}, {}, {}, {}, {})
     for (group, A, B, wg), upd in zip(stacks, updates):
         cos, rel = diagnostics(upd, A, B, wg)
+        fedit_cos, ceiling = bias_bounds(A, B, wg)
         for i, p in enumerate(group):
             if upd.A is not None:
                 out.state[pairs[p][0]] = upd.A[i]
@@ -111,6 +114,7 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
             if upd.delta_w is not None:
                 out.delta_w[p] = upd.delta_w[i]
             out.cos[p], out.rel_err[p] = cos[i].item(), rel[i].item()
+            out.cos_fedit[p], out.ceiling[p] = fedit_cos[i].item(), ceiling[i].item()
     factors = {k for ab in pairs.values() for k in ab}
     for key in keys:
         if key in factors:

@@ -31,6 +31,11 @@ def test_round_runs_and_logs_diagnostics(method):
     assert -1 <= rec["cos"] <= 1 + 1e-6 and rec["rel_err"] >= 0
     if method in ("flora", "fedex", "ffa", "rolora"):      # exact methods
         assert rec["cos"] == pytest.approx(1.0, abs=1e-5) and rec["rel_err"] < 1e-3
+    for layer in rec["layers"].values():                  # FedIT <= ceiling; LoRA-FAIR (keeps A_bar) <= ceiling
+        assert layer["cos_fedit"] <= layer["ceiling"] + 1e-9
+        if method == "lorafair":
+            assert layer["cos"] <= layer["ceiling"] + 1e-6
+    assert len(rec["layers"]) == len(a_keys(fed)) and rec["ceiling"] <= 1
     acc = fed.evaluate()
     assert set(acc) == {"clipart", "sketch", "quickdraw", "mean"}
 
