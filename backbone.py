@@ -51,7 +51,7 @@ def pretrained_shapes_backbone(epochs: int = 12, per_domain: int = 2000, progres
         return path
     print(f"pretraining the embedded ViT backbone once (cached in {path}) ...", file=sys.stderr)
     torch.manual_seed(0)
-    xs, ys = zip(*(shapes_split(d, per_domain, PRETRAIN_CLASSES, seed=5000 + d) for d in range(6)))
+    xs, ys = zip(*(shapes_split(d, per_domain, range(*PRETRAIN_CLASSES), seed=5000 + d) for d in range(6)))
     x, y = (torch.cat(xs) - 0.5) / 0.5, torch.cat(ys)
     model = shapes_vit(PRETRAIN_CLASSES[1] - PRETRAIN_CLASSES[0])
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)

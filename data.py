@@ -17,7 +17,7 @@ import json
 import os
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -379,6 +379,7 @@ def list_images(dataset: str, root: str, domains: Optional[list[str]], num_class
 SHAPES_SIZE = 32
 SHAPES_CLASSES = 10          # federated task: classes 0..9
 PRETRAIN_CLASSES = (10, 40)  # backbone pretraining: classes 10..39, disjoint from the task
+SHAPES_MAX_CLASSES = 100     # a task takes 0..9, then 40.. (shapes_task_classes)
 
 
 def _segments(classes: Tensor, strokes: int = 3) -> Tensor:
@@ -463,26 +464,38 @@ class TensorImages(Dataset):
         return (self.x[i] - self.mean) / self.std, int(self.y[i])
 
 
-def shapes_split(domain: int, n: int, classes: tuple[int, int], seed: int) -> tuple[Tensor, Tensor]:
-    """n balanced samples of classes [lo, hi) in one domain, drawn from `seed`: x (n, 3, 32, 32), y (n,)."""
+def shapes_task_classes(num_classes: int = SHAPES_CLASSES) -> list[int]:
+    """The generator's class ids of a task with `num_classes` classes: 0..9, then 40, 41, ... so
+    that no task class is one the backbone was pretrained on (PRETRAIN_CLASSES, 10..39)."""
+    if not 2 <= num_classes <= SHAPES_MAX_CLASSES:
+        raise DataError(f"--num-classes on shapes must be in 2..{SHAPES_MAX_CLASSES}, got {num_classes}")
+    low = list(range(min(num_classes, PRETRAIN_CLASSES[0])))
+    return low + list(range(PRETRAIN_CLASSES[1], PRETRAIN_CLASSES[1] + num_classes - len(low)))
+
+
+def shapes_split(domain: int, n: int, classes: Sequence[int], seed: int) -> tuple[Tensor, Tensor]:
+    """n balanced samples of the generator's class ids `classes` in one domain, drawn from `seed`:
+    x (n, 3, 32, 32) and labels y (n,), the position of each sample's class in `classes`."""
     g = torch.Generator().manual_seed(seed)
-    lo, hi = classes
-    y = torch.arange(n) % (hi - lo) + lo
+    y = torch.arange(n) % len(classes)
     y = y[torch.randperm(n, generator=g)]
-    return render_shapes(y, domain, g), y - lo
+    return render_shapes(torch.tensor(list(classes))[y], domain, g), y
 
 
-def load_shapes(domains: list[str] | None, n_train: int, n_test: int, seed: int = 0) -> list[DomainData]:
-    """The embedded dataset: 10 classes x 6 styles. Same seed, same pixels (the data seed is fixed
-    per domain and split, independent of the run's seed, so every run sees the same dataset)."""
+def load_shapes(domains: list[str] | None, n_train: int, n_test: int, seed: int = 0,
+                num_classes: int = SHAPES_CLASSES) -> list[DomainData]:
+    """The embedded dataset: `num_classes` classes (default 10) x 6 styles. Same seed, same pixels
+    (the data seed is fixed per domain and split, independent of the run's seed, so every run sees
+    the same dataset; the first 10 classes' images do not depend on num_classes)."""
     domains = list(domains or SHAPES_DOMAINS)
+    classes = shapes_task_classes(num_classes)
     out = []
     for d in domains:
         if d not in SHAPES_DOMAINS:
             raise DataError(f"unknown shapes domain {d!r}; choose from {', '.join(SHAPES_DOMAINS)}")
         i = SHAPES_DOMAINS.index(d)
-        xtr, ytr = shapes_split(i, n_train, (0, SHAPES_CLASSES), seed=1000 + 2 * i)
-        xte, yte = shapes_split(i, n_test, (0, SHAPES_CLASSES), seed=1001 + 2 * i)
+        xtr, ytr = shapes_split(i, n_train, classes, seed=1000 + 2 * i)
+        xte, yte = shapes_split(i, n_test, classes, seed=1001 + 2 * i)
         out.append(DomainData(d, TensorImages(xtr, ytr), TensorImages(xte, yte), ytr.tolist()))
     return out
 

@@ -28,7 +28,8 @@ import torch
 
 from aggregators import AGGREGATORS
 from backbone import ModelError, build_model, check_weights
-from data import DataError, image_domains, list_images, load_shapes, make_transform, partition, write_splits
+from data import (DataError, image_domains, list_images, load_shapes, make_transform, partition,
+                  shapes_task_classes, write_splits)
 from fed import Client, FedConfig, Federation
 from lora import merged_state, peft_adapter
 
@@ -226,9 +227,8 @@ def check_combination(args) -> None:
                 raise UserError(f"--{dest.replace('_', '-')} does not apply to --centralised: {what}")
     if args.rank_by != defaults.rank_by and not args.ranks:
         raise UserError("--rank-by needs --ranks (the list it assigns)")
-    if args.dataset == "shapes" and args.num_classes != DATASET_DEFAULTS["shapes"]["num_classes"]:
-        raise UserError(f"--num-classes {args.num_classes}: the shapes task has exactly "
-                        f"{DATASET_DEFAULTS['shapes']['num_classes']} classes (0..9); leave --num-classes out")
+    if args.dataset == "shapes":
+        shapes_task_classes(args.num_classes)      # 2..100 classes, none of them the backbone's pretraining ones
 
 
 def method_options(args) -> dict:
@@ -253,7 +253,7 @@ def build_data(args, listing):
     """Domains and clients (labels and partition only: image transforms are set once the model is known)."""
     domains = args.domains.split(",") if args.domains else None
     if args.dataset == "shapes":
-        doms = load_shapes(domains, args.n_train, args.n_test)
+        doms = load_shapes(domains, args.n_train, args.n_test, num_classes=args.num_classes)
     else:
         doms = image_domains(listing)
     if args.centralised:

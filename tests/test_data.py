@@ -174,6 +174,24 @@ def test_shapes_is_deterministic_and_balanced():
         load_shapes(["photo"], 10, 10)
 
 
+def test_shapes_with_more_classes_never_uses_the_pretraining_classes():
+    from data import PRETRAIN_CLASSES, shapes_task_classes
+    assert shapes_task_classes(10) == list(range(10))
+    assert shapes_task_classes(30) == list(range(10)) + list(range(40, 60))
+    assert not set(shapes_task_classes(100)) & set(range(*PRETRAIN_CLASSES))
+    assert shapes_task_classes(4) == [0, 1, 2, 3]
+    many = load_shapes(["painting"], 60, 30, num_classes=30)[0]
+    assert sorted(many.train_labels) == sorted(list(range(30)) * 2)
+    x, y = many.test.x, many.test.y
+    assert x.shape == (30, 3, 32, 32) and sorted(y.tolist()) == list(range(30))
+    from data import render_shapes                    # label 12 is drawn as the generator's class 42
+    g = torch.Generator().manual_seed(5)
+    assert torch.equal(render_shapes(torch.tensor([42]), 2, g), render_shapes(
+        torch.tensor([shapes_task_classes(30)[12]]), 2, torch.Generator().manual_seed(5)))
+    with pytest.raises(DataError, match="must be in 2..100"):
+        load_shapes(["painting"], 10, 10, num_classes=101)
+
+
 def test_feature_non_iid_is_one_client_per_domain():
     doms = load_shapes(["clipart", "sketch", "real"], 30, 10)
     parts = partition(doms)

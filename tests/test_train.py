@@ -377,7 +377,7 @@ def test_flora_with_fresh_clients_is_flora(tmp_path):
     (["--centralised", "--ranks", "2,1"], "--ranks does not apply to --centralised"),
     (["--centralised", "--clients-per-domain", "2"], "--clients-per-domain does not apply to --centralised"),
     (["--rank-by", "domain"], "--rank-by needs --ranks"),
-    (["--num-classes", "5"], "--num-classes 5: the shapes task has exactly 10 classes"),
+    (["--num-classes", "1"], "--num-classes on shapes must be in 2..100, got 1"),
     (["--device", "gpu"], "is not a device"),
     pytest.param(["--device", "cuda:0"], "CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
