@@ -8,8 +8,9 @@ checkpoint that cannot fit is refused before anything is built: with what it loo
 --model would take it. Hub weights come from the local cache when it has them (no network); if it
 has not and the hub cannot be reached, that is said at once.
 
-The embedded dataset's backbone (`vit_shapes`, a 4-block ViT on 32 px glyphs) is pretrained here
-once on classes of the generator the task never sees, and cached.
+The embedded dataset's backbones (`vit_shapes`, a 4-block ViT, and `mixer_shapes`, a 4-block
+MLP-Mixer, on 32 px glyphs) are pretrained here once, the same way, on classes of the generator
+the task never sees, and cached.
 """
 from __future__ import annotations
 
@@ -38,22 +39,33 @@ def shapes_vit(num_classes: int):
     return VisionTransformer(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, num_classes=num_classes)
 
 
+def shapes_mixer(num_classes: int):
+    """The embedded MLP-Mixer: 4 blocks of width 128 on 8 x 8 patches of 4 px, about the ViT's size."""
+    from timm.models.mlp_mixer import MlpMixer
+    return MlpMixer(num_classes=num_classes, img_size=32, patch_size=4, num_blocks=4, embed_dim=128)
+
+
+SHAPES_MODELS = {"vit_shapes": shapes_vit, "mixer_shapes": shapes_mixer}   # --model names of the embedded backbones
+
+
 def pretrained_shapes_backbone(epochs: int = 12, per_domain: int = 2000, progress: bool = True,
-                               cache: str = CACHE) -> str:
-    """Train the embedded ViT on classes 10..39 of the shapes generator (disjoint from the task's
-    0..9), once, and cache it outside the repo. Returns the cached file."""
+                               cache: str = CACHE, model: str = "vit_shapes") -> str:
+    """Train an embedded backbone (SHAPES_MODELS) on classes 10..39 of the shapes generator
+    (disjoint from every task's, data.shapes_task_classes), once, and cache it outside the repo.
+    Both backbones get the same data, schedule and seed. Returns the cached file."""
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
     from data import PRETRAIN_CLASSES
-    tag = hashlib.sha1(f"shapes-vit-v1-{epochs}-{per_domain}".encode()).hexdigest()[:10]
-    path = os.path.join(cache, f"shapes_vit_{tag}.safetensors")
+    family = model.split("_")[0]
+    tag = hashlib.sha1(f"shapes-{family}-v1-{epochs}-{per_domain}".encode()).hexdigest()[:10]
+    path = os.path.join(cache, f"shapes_{family}_{tag}.safetensors")
     if os.path.isfile(path):
         return path
-    print(f"pretraining the embedded ViT backbone once (cached in {path}) ...", file=sys.stderr)
+    print(f"pretraining the embedded {model} backbone once (cached in {path}) ...", file=sys.stderr)
     torch.manual_seed(0)
     xs, ys = zip(*(shapes_split(d, per_domain, range(*PRETRAIN_CLASSES), seed=5000 + d) for d in range(6)))
     x, y = (torch.cat(xs) - 0.5) / 0.5, torch.cat(ys)
-    model = shapes_vit(PRETRAIN_CLASSES[1] - PRETRAIN_CLASSES[0])
+    model = SHAPES_MODELS[model](PRETRAIN_CLASSES[1] - PRETRAIN_CLASSES[0])
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.05)
     steps = epochs * (len(y) // 128)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
@@ -83,8 +95,8 @@ def bare_model(args, device=None):
     """The backbone with a new head and no weights loaded (on `device`, e.g. 'meta': no memory)."""
     import timm
     with torch.device(device or "cpu"):
-        if args.model == "vit_shapes":
-            return shapes_vit(args.num_classes)
+        if args.model in SHAPES_MODELS:
+            return SHAPES_MODELS[args.model](args.num_classes)
         kw = {"img_size": 32} if args.dataset == "shapes" else {}
         return timm.create_model(args.model, pretrained=False, num_classes=args.num_classes, **kw)
 
@@ -98,7 +110,7 @@ def describe_weights(state: dict) -> tuple[str, str | None]:
     import timm
 
     def name_if_known(name):
-        return name if name == "vit_shapes" or timm.is_model(name) else None
+        return name if name in SHAPES_MODELS or timm.is_model(name) else None
     blocks = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
     if any(k.startswith(("global/", "base/")) for k in state):
         return "the output of a train.py run (adapter and head), not backbone weights", None
@@ -112,8 +124,9 @@ def describe_weights(state: dict) -> tuple[str, str | None]:
     if "stem.proj.weight" in state and "blocks.0.mlp_tokens.fc1.weight" in state:
         D, _, p, _ = state["stem.proj.weight"].shape
         img = math.isqrt(state["blocks.0.mlp_tokens.fc1.weight"].shape[1]) * p
-        return (f"an MLP-Mixer of width {D}, depth {blocks}, patch {p} at {img} px",
-                name_if_known(f"mixer_{MIXER_SIZES.get(D, D)}{p}_{img}"))
+        name = ("mixer_shapes" if (D, blocks, p, img) == (128, 4, 4, 32) else
+                f"mixer_{MIXER_SIZES.get(D, D)}{p}_{img}")
+        return f"an MLP-Mixer of width {D}, depth {blocks}, patch {p} at {img} px", name_if_known(name)
     if "conv1.weight" in state and "layer1.0.conv1.weight" in state:
         return "a ResNet (LoRA here targets ViTs and MLP-Mixers)", None
     return f"no model this code knows ({len(state)} tensors, first {next(iter(state), None)!r})", None
@@ -260,7 +273,7 @@ def check_weights(args):
         return "file", loaded, args.checkpoint
     if not args.pretrained:
         return None
-    if args.model == "vit_shapes":
+    if args.model in SHAPES_MODELS:
         return "shapes", None, None
     path = cached_pretrained(args.model)
     if path:
@@ -286,13 +299,13 @@ def build_model(args, weights):
     else:
         model = bare_model(args)
         if kind == "shapes":
-            kind, path = "file", pretrained_shapes_backbone(progress=args.progress)
+            kind, path = "file", pretrained_shapes_backbone(progress=args.progress, model=args.model)
             loaded = read_checkpoint(path)
         if kind == "file" and isinstance(loaded, str):
             model.load_pretrained(loaded)                        # timm's reader of Google's .npz
         elif kind == "file":
             model.load_state_dict(fit_checkpoint(model, loaded, path, args), strict=False)
-    cfg = ({"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3} if args.model == "vit_shapes"
+    cfg = ({"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3} if args.model in SHAPES_MODELS
            else timm.data.resolve_data_config({}, model=model))
     family = "mixer" if "mixer" in args.model else "vit"
     targets = args.lora_targets.split(",") if args.lora_targets else LORA_TARGETS[family]

@@ -27,7 +27,7 @@ import time
 import torch
 
 from aggregators import AGGREGATORS
-from backbone import ModelError, build_model, check_weights
+from backbone import SHAPES_MODELS, ModelError, build_model, check_weights
 from data import (DataError, image_domains, list_images, load_shapes, make_transform, partition,
                   shapes_task_classes, write_splits)
 from fed import Client, FedConfig, Federation
@@ -157,7 +157,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--local-head applies to --method fedsa (its clients keep their own B), not {args.method}")
     if args.dataset != "shapes" and not args.data_root:
         raise UserError(f"--dataset {args.dataset} needs --data-root (README, Data: what to download and where)")
-    if args.model != "vit_shapes":
+    if args.model not in SHAPES_MODELS:
         import timm
         if not timm.is_model(args.model):
             raise UserError(f"unknown model {args.model!r}; pass a timm ViT or MLP-Mixer name "
