@@ -1,37 +1,65 @@
-"""The method comparison (the paper's Table 1) and its ablations, by one command.
+"""The method comparison (the paper's Table 1 and its other settings), by one command each.
 
-    python bench/compare.py                          # every method + centralised, 3 seeds, embedded data
-    python bench/compare.py --ablations              # LoRA-FAIR's ablations instead
-    python bench/compare.py --ranks 4,8,16           # heterogeneous client ranks, cycled over the clients
+    python bench/compare.py --all                        # the four cells below, 5 seeds (about an hour, 2 cores)
+    python bench/compare.py --setting feature            # Table 1: one client per style, ViT
+    python bench/compare.py --setting feature --backbone mixer
+    python bench/compare.py --setting label              # 30 clients, 5 per style, Dirichlet(0.5) labels
+    python bench/compare.py --setting partial            # 60 clients, 10 per style, 20% take part a round
+    python bench/compare.py --ablations                  # LoRA-FAIR's ablations (feature, ViT)
+    python bench/compare.py --ranks 4,8,16               # heterogeneous client ranks (feature, ViT)
     python bench/compare.py --dataset domainnet --data-root /data/domainnet --rounds 30 --local-epochs 1
 
-Every variant runs train.py with the same settings, once per seed; a run already in --out is
-reused when finished and resumed when not, but only if its config.json records the same settings
-(otherwise compare.py stops and says what differs). Writes to --out: table.md (per-domain top-1, mean +- std over
-seeds, the paper's layout), curves.csv (per round: mean accuracy, cos(dW, dW_applied),
-relative error), curves.png (mean accuracy and cos per round, per variant).
+Every variant runs train.py with the same settings, once per seed, `--jobs` at a time (separate
+processes of one thread each). A run already in --out is reused when finished and resumed when
+not, but only if its config.json records the same settings (otherwise this stops and says what
+differs). Writes to --out: table.md (per-domain top-1, mean +- std over seeds, and each method's
+paired difference to FedIT over the same seeds with a 95% t interval), curves.csv (per round:
+accuracy, cos(dW, dW_applied), FedIT's cosine and the ceiling of any refined B), curves.png
+(accuracy per round) and bias.png (the cosines per round against the ceiling).
 
-The embedded setting makes aggregation matter: 40 local steps of batch 16 at lr 0.03 per round on
-six distinct styles, so the clients drift apart (FedIT's cos(dW, B_bar A_bar) about 0.97-0.99,
-against 0.9999 for the default run). lr 0.03 was chosen once, with FedIT, as the largest of
-{0.01, 0.02, 0.03, 0.05} whose local training stayed stable (at 0.05 FedIT's loss rose round
-over round); it is the same for every method; nothing here is tuned per method.
+The embedded task (`SHAPES`) was chosen once, with FedIT alone, before any other method was run:
+30 classes (the generator's 0..9 and 40..59, none of them the backbones' pretraining classes),
+150 training images per style, rank 4 (r / width as in the paper's ViT-B), 5 rounds of 180 local
+steps of batch 16 in all (30 per client in Table 1's setting). At lr 0.06 FedIT's cos(dW, B_bar
+A_bar) is 0.84-0.92 and its accuracy about 71%; at lr 0.03 the cosine stayed above 0.98, at 0.01
+above 0.999. The centralised reference sees the same images per round (one client, 180 steps) at
+lr 0.01, the largest of {0.01, 0.02, 0.03} at which its accuracy did not oscillate from round to
+round. Nothing is tuned per method.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from aggregators import AGGREGATORS  # noqa: E402
 import train  # noqa: E402
 
-METHODS = {m: ["--method", m] for m in AGGREGATORS}
-METHODS["centralised"] = ["--method", "fedit", "--centralised"]   # one client, all data: no aggregation
+SHAPES = ["--num-classes", "30", "--n-train", "150", "--n-test", "200", "--rounds", "5", "--local-epochs", "100",
+          "--batch-size", "16", "--lr", "0.06", "--rank", "4", "--eval-every", "1"]
+SETTINGS = {   # federated arguments; every setting moves 180 local steps of batch 16 a round in all
+    "feature": ["--local-steps", "30"],                                                   # 6 clients x 30
+    "label": ["--clients-per-domain", "5", "--dirichlet", "0.5", "--local-steps", "6"],   # 30 x 6
+    "partial": ["--clients-per-domain", "10", "--dirichlet", "0.5", "--participation", "0.2",
+                "--local-steps", "15"],                                                   # 12 of 60 x 15
+}
+CENTRALISED = ["--method", "fedit", "--centralised", "--local-steps", "180", "--lr", "0.01"]
+BACKBONES = {"vit": "vit_shapes", "mixer": "mixer_shapes"}
+PAPER = {   # the paper's methods per table; the ViT feature setting runs every method here
+    ("feature", "vit"): list(AGGREGATORS)[:8],
+    ("feature", "mixer"): ["fedit", "ffa", "flora", "flexlora", "lorafair"],
+    ("label", "vit"): ["fedit", "flora", "flexlora", "lorafair"],
+    ("partial", "vit"): ["fedit", "flora", "flexlora", "lorafair"],
+}
+ALL = [("feature", "vit"), ("feature", "mixer"), ("label", "vit"), ("partial", "vit")]
 ABLATIONS = {
     "lorafair (correct B, lam 0.01)": ["--method", "lorafair"],
     "correct A": ["--method", "lorafair", "--fair-correct", "A"],
@@ -44,19 +72,23 @@ ABLATIONS = {
     "clients start fresh": ["--method", "lorafair", "--client-init", "fresh"],
     "clients start local": ["--method", "lorafair", "--client-init", "local"],
 }
-EMBEDDED = ["--rounds", "6", "--local-epochs", "100", "--local-steps", "40", "--batch-size", "16",
-            "--lr", "0.03", "--eval-every", "1"]
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086]   # Student's t, 97.5% quantile, 1..20 degrees of freedom
 
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dataset", default="shapes", choices=["shapes", "domainnet", "nicopp"])
     p.add_argument("--data-root", default=None)
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--setting", default="feature", choices=list(SETTINGS))
+    p.add_argument("--backbone", default="vit", choices=list(BACKBONES), help="shapes: the embedded ViT or Mixer")
+    p.add_argument("--all", action="store_true", help="every (setting, backbone) cell of ALL, one after another")
+    p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--only", default=None, help="comma-separated subset of the variants")
     p.add_argument("--ablations", action="store_true", help="run LoRA-FAIR's ablations instead of the methods")
     p.add_argument("--ranks", default=None, help="heterogeneous client ranks for every variant, e.g. 4,8,16")
-    p.add_argument("--out", default=None, help="default bench/results/<dataset>[-ablations][-ranks-4-8-16]")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
+    p.add_argument("--out", default=None, help="default bench/results/<dataset>-<setting>-<backbone>[-...]")
     return p
 
 
@@ -67,14 +99,13 @@ def recorded_differences(argv: list[str], out: str) -> tuple[list[str], int]:
         old = json.load(f)
     new = train.config_of(train.resolve(train.get_args_parser().parse_args([*argv, "--out", out])))
     defaults = vars(train.get_args_parser().parse_args([]))
-    free = train.RESUME_FREE
     diff = [f"{k}: {old.get(k, defaults.get(k))!r} there, {new.get(k)!r} asked" for k in sorted(set(old) | set(new))
-            if k not in free and old.get(k, defaults.get(k)) != new.get(k)]
+            if k not in train.RESUME_FREE and old.get(k, defaults.get(k)) != new.get(k)]
     return diff, old["rounds"]
 
 
-def run_variant(name: str, argv: list[str], out: str) -> list[dict]:
-    """Run, resume or reuse one variant for one seed; return its metrics records.
+def plan(name: str, argv: list[str], out: str) -> list[str] | None:
+    """The train.py command that brings `out` to what `argv` asks for; None when it is there already.
 
     A run already in `out` is reused (finished) or continued (stopped early, or asked for more
     rounds) only when its recorded settings equal the requested ones; otherwise this stops and
@@ -88,12 +119,29 @@ def run_variant(name: str, argv: list[str], out: str) -> list[dict]:
                              "pass another --out, or delete that folder to rerun it")
         if done > rounds:
             raise SystemExit(f"{name}: {out} holds a run of {done} rounds, {rounds} asked; pass another --out")
-    if started and done == rounds and os.path.isfile(os.path.join(out, "final.safetensors")):
-        print(f"== {name}: reusing {out} (same settings, {rounds} rounds)", file=sys.stderr)
-    else:
-        print(f"== {name}: {' '.join(argv)}" + (" (continuing the run there)" if started else ""), file=sys.stderr)
-        if train.main([*argv, "--out", out, "--no-progress", *(["--resume"] if started else [])]) != 0:
-            raise SystemExit(f"{name} failed; see the error above")
+        if done == rounds and os.path.isfile(os.path.join(out, "final.safetensors")):
+            print(f"== {name}: reusing {out} (same settings, {rounds} rounds)", file=sys.stderr)
+            return None
+    return [*argv, "--out", out, "--no-progress", *(["--resume"] if started else [])]
+
+
+def run_all(jobs: list[tuple[str, list[str], str]], parallel: int) -> None:
+    """Run the planned train.py commands, `parallel` processes at a time, one thread each."""
+    todo = [(name, cmd) for name, argv, out in jobs if (cmd := plan(name, argv, out)) is not None]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def one(item):
+        name, cmd = item
+        print(f"== {name}: {' '.join(cmd)}", file=sys.stderr)
+        res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *cmd], env=env,
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{res.stderr[-2000:]}")
+    with ThreadPoolExecutor(max(1, parallel)) as pool:
+        list(pool.map(one, todo))
+
+
+def metrics(out: str) -> list[dict]:
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
@@ -103,72 +151,126 @@ def fmt(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
 
 
-def main(argv=None):
-    args, extra = get_args_parser().parse_known_args(argv)
+def paired(xs: list[float], base: list[float]) -> str:
+    """Mean paired difference (points) with its 95% t interval; '*' where the interval excludes 0."""
+    d = [100 * (x - b) for x, b in zip(xs, base)]
+    if len(d) < 2:
+        return f"{d[0]:+.2f}"
+    m, h = statistics.mean(d), T975[min(len(d) - 2, len(T975) - 1)] * statistics.stdev(d) / math.sqrt(len(d))
+    return f"{m:+.2f} [{m - h:+.2f}, {m + h:+.2f}]" + (" *" if m - h > 0 or m + h < 0 else "")
+
+
+def cell(args, extra: list[str], setting: str, backbone: str) -> None:
+    """One (setting, backbone): run every variant for every seed, then write the table and plots."""
     seeds = [int(s) for s in args.seeds.split(",")]
-    variants = ABLATIONS if args.ablations else METHODS
+    shapes = args.dataset == "shapes"
+    if args.ablations:
+        variants = dict(ABLATIONS)
+    else:
+        methods = PAPER.get((setting, backbone), list(AGGREGATORS)) if shapes else list(AGGREGATORS)[:8]
+        if args.ranks:
+            methods = list(AGGREGATORS)
+        variants = {m: ["--method", m] for m in methods}
+        if not args.ranks:
+            variants["centralised"] = CENTRALISED if shapes else ["--method", "fedit", "--centralised"]
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
-    out = args.out or os.path.join("bench", "results", args.dataset + ("-ablations" if args.ablations else "")
+    tag = f"{args.dataset}-{setting}-{backbone}" if shapes else args.dataset
+    out = args.out or os.path.join("bench", "results", tag + ("-ablations" if args.ablations else "")
                                    + (f"-ranks-{args.ranks.replace(',', '-')}" if args.ranks else ""))
     base = ["--dataset", args.dataset] + (["--data-root", args.data_root] if args.data_root else [])
-    base += (EMBEDDED if args.dataset == "shapes" else []) + extra + (["--ranks", args.ranks] if args.ranks else [])
+    if shapes:
+        base += SHAPES + ["--model", BACKBONES[backbone]]
+    base += extra + (["--ranks", args.ranks] if args.ranks else [])
+    fed = SETTINGS[setting] if shapes else []
 
-    results: dict[str, list[list[dict]]] = {}
-    for name, v in variants.items():
-        v = list(v)
-        if "--centralised" in v and args.dataset == "shapes":   # same images per round as all clients together
-            v += ["--local-steps", str(40 * 6)]
-        results[name] = [run_variant(name, base + v + ["--seed", str(s)],
-                                     os.path.join(out, name.replace(" ", "_").replace(",", ""), f"seed{s}"))
-                         for s in seeds]
+    def argv(v):
+        return base + (v if "--centralised" in v else fed + v)
+    folder = {name: os.path.join(out, name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", ""))
+              for name in variants}
+    run_all([(name, argv(v) + ["--seed", str(s)], os.path.join(folder[name], f"seed{s}"))
+             for name, v in variants.items() for s in seeds], args.jobs)
+    results = {name: [metrics(os.path.join(folder[name], f"seed{s}")) for s in seeds] for name in variants}
+    write_table(results, seeds, out, args, setting, backbone, base, fed)
+    write_curves(results, seeds, out)
+    plot(results, out, f"{tag}")
 
-    domains = [k for k in results[next(iter(results))][0][-1]["acc"] if k != "mean"]
-    lines = [f"{args.dataset}, {len(seeds)} seeds ({args.seeds}), top-1 % of the global model after the last round, "
-             "mean ± std over seeds", "",
-             "| method | " + " | ".join(domains) + " | **mean** | cos(dW, applied) | MB per round (up + down) |",
-             "|---|" + "---|" * (len(domains) + 3)]
+
+def write_table(results, seeds, out, args, setting, backbone, base, fed) -> None:
+    first = results[next(iter(results))][0][-1]["acc"]
+    domains = [k for k in first if k != "mean"]
+    ref = results.get("fedit") or results.get("lorafair (correct B, lam 0.01)")
+    ref_name = "fedit" if "fedit" in results else "lorafair"
+    lines = [f"{args.dataset}, setting {setting}, backbone {backbone}: {len(seeds)} seeds ({args.seeds}), top-1 % "
+             "after the last round, mean ± std over seeds; Δ: paired difference to "
+             f"{ref_name} over the same seeds, 95% t interval, * where it excludes 0", "",
+             "| method | " + " | ".join(domains) + f" | **mean** | Δ vs {ref_name} | cos(dW, applied) | FedIT's cos | "
+             "ceiling | MB per round |", "|---|" + "---|" * (len(domains) + 6)]
     for name, runs in results.items():
         cells = [fmt([r[-1]["acc"][d] for r in runs]) for d in domains]
-        cos = statistics.mean(statistics.mean(rec["cos"] for rec in r) for r in runs)
+        mean = [r[-1]["acc"]["mean"] for r in runs]
+        delta = "" if runs is ref or ref is None else paired(mean, [r[-1]["acc"]["mean"] for r in ref])
+        avg = lambda key: statistics.mean(statistics.mean(rec[key] for rec in r) for r in runs)   # noqa: E731
+        has = all(key in rec for r in runs for rec in r for key in ("cos_fedit", "ceiling"))
         wire = [(rec["bytes"]["up"] + rec["bytes"]["down"]) / 1e6 for r in runs for rec in r if "bytes" in rec]
-        mb = f"{statistics.mean(wire):.3f}" if wire else "n/a"            # runs from before the count: n/a
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{fmt([r[-1]['acc']['mean'] for r in runs])}** "
-                     f"| {cos:.4f} | {mb} |")
-    lines += ["", "Command: `python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
-              "Settings: `" + " ".join(base) + "`"]
+        bias = f"{avg('cos_fedit'):.4f} | {avg('ceiling'):.4f}" if has else "n/a | n/a"   # older runs: n/a
+        mb = f"{statistics.mean(wire):.3f}" if wire else "n/a"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{fmt(mean)}** | {delta} | {avg('cos'):.4f} | "
+                     f"{bias} | {mb} |")
+    lines += ["", "Command: `python bench/compare.py " + " ".join(sys.argv[1:]) + "`",
+              "Settings: `" + " ".join(base + fed) + "` (centralised: `" + " ".join(CENTRALISED) + "`)"]
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
+
+def write_curves(results, seeds, out) -> None:
     with open(os.path.join(out, "curves.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["variant", "seed", "round", "mean_acc", "cos", "rel_err", "train_loss"])
+        w.writerow(["variant", "seed", "round", "mean_acc", "cos", "cos_fedit", "ceiling", "rel_err", "train_loss"])
         for name, runs in results.items():
             for s, r in zip(seeds, runs):
                 for rec in r:
-                    w.writerow([name, s, rec["round"], rec.get("acc", {}).get("mean", ""), rec["cos"], rec["rel_err"],
-                                rec["train_loss"]])
-    plot(results, os.path.join(out, "curves.png"), args.dataset)
+                    w.writerow([name, s, rec["round"], rec.get("acc", {}).get("mean", ""), rec["cos"],
+                                rec.get("cos_fedit", ""), rec.get("ceiling", ""), rec["rel_err"], rec["train_loss"]])
 
 
-def plot(results, path, title):
+def plot(results, out, title) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+
+    def per_round(runs, key):
+        return [statistics.mean(r[i][key] for r in runs) for i in range(len(runs[0]))]
+    fig, ax = plt.subplots(figsize=(6, 4))
     for name, runs in results.items():
-        rounds = [rec["round"] for rec in runs[0] if "acc" in rec]
-        acc = [statistics.mean(100 * r[i]["acc"]["mean"] for r in runs) for i, rec in enumerate(runs[0]) if "acc" in rec]
-        ax1.plot(rounds, acc, marker="o", ms=3, label=name)
-        ax2.plot([rec["round"] for rec in runs[0]],
-                 [statistics.mean(r[i]["cos"] for r in runs) for i in range(len(runs[0]))], marker="o", ms=3, label=name)
-    ax1.set(xlabel="round", ylabel="mean top-1 (%)", title=f"{title}: global model accuracy")
-    ax2.set(xlabel="round", ylabel="cos(dW, dW applied)", title="aggregation fidelity, mean over layers")
-    ax2.legend(fontsize=7)
+        ax.plot([rec["round"] for rec in runs[0]], [100 * a["mean"] for a in per_round(runs, "acc")],
+                marker="o", ms=3, label=name)
+    ax.set(xlabel="round", ylabel="mean top-1 (%)", title=f"{title}: global model, mean over seeds")
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(os.path.join(out, "curves.png"), dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, runs in results.items():
+        if name == "centralised" or not all("ceiling" in rec for rec in runs[0]):
+            continue
+        line, = ax.plot([rec["round"] for rec in runs[0]], per_round(runs, "cos"), marker="o", ms=3, label=name)
+        ax.plot([rec["round"] for rec in runs[0]], per_round(runs, "ceiling"), ls=":", color=line.get_color())
+    ax.set(xlabel="round", ylabel="cosine to dW, mean over layers and seeds",
+           title=f"{title}: achieved (solid) vs ceiling of any refined B (dotted)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "bias.png"), dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args, extra = get_args_parser().parse_known_args(argv)
+    cells = ALL if args.all else [(args.setting, args.backbone)]
+    for setting, backbone in cells:
+        cell(args, extra, setting, backbone)
 
 
 if __name__ == "__main__":

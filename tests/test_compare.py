@@ -1,25 +1,35 @@
-"""bench/compare.py reuses a run only when its recorded settings equal the requested ones."""
+"""bench/compare.py: a run is reused only when its recorded settings equal the requested ones;
+paired differences and their intervals."""
 import pytest
 
-import train
 from bench import compare
 from tests.test_train import TINY
 
 
-def test_a_run_is_reused_only_with_the_same_settings(tmp_path, monkeypatch, capsys):
+def test_a_run_is_reused_only_with_the_same_settings(tmp_path, capsys):
     out = str(tmp_path / "fedit" / "seed0")
     argv = [*TINY, "--method", "fedit", "--rounds", "1", "--seed", "0"]
-    first = compare.run_variant("fedit", argv, out)
-    assert [r["round"] for r in first] == [1]
-    calls = []
-    real = train.main
-    monkeypatch.setattr(train, "main", lambda a: calls.append(a) or real(a))
-    assert compare.run_variant("fedit", [*argv, "--workers", "0"], out) == first   # device settings: reused
-    assert calls == [] and "reusing" in capsys.readouterr().err
+    first = compare.plan("fedit", argv, out)
+    assert "--resume" not in first
+    compare.run_all([("fedit", argv, out)], 1)
+    assert [r["round"] for r in compare.metrics(out)] == [1]
+    assert compare.plan("fedit", [*argv, "--workers", "0"], out) is None        # device settings: reused
+    assert "reusing" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"holds a run with other settings \(lr: 0.05 there, 0.1 asked\)"):
-        compare.run_variant("fedit", [*argv, "--lr", "0.1"], out)
+        compare.plan("fedit", [*argv, "--lr", "0.1"], out)
     with pytest.raises(SystemExit, match="holds a run of 1 rounds, 0 asked"):
-        compare.run_variant("fedit", [*TINY, "--method", "fedit", "--rounds", "0", "--seed", "0"], out)
-    more = compare.run_variant("fedit", [*TINY, "--method", "fedit", "--rounds", "2", "--seed", "0"], out)
-    assert len(calls) == 1 and "--resume" in calls[0] and [r["round"] for r in more] == [1, 2]
-    assert more[0] == first[0]
+        compare.plan("fedit", [*TINY, "--method", "fedit", "--rounds", "0", "--seed", "0"], out)
+    more = [*TINY, "--method", "fedit", "--rounds", "2", "--seed", "0"]
+    assert "--resume" in compare.plan("fedit", more, out)                     # asked for more rounds: continued
+    first_round = compare.metrics(out)[0]
+    compare.run_all([("fedit", more, out)], 1)
+    assert [r["round"] for r in compare.metrics(out)] == [1, 2] and compare.metrics(out)[0] == first_round
+
+
+def test_paired_difference_and_its_t_interval():
+    base = [0.70, 0.72, 0.71, 0.69, 0.73]
+    up = [b + d for b, d in zip(base, [0.010, 0.012, 0.008, 0.011, 0.009])]
+    # differences 1.0, 1.2, 0.8, 1.1, 0.9 points: mean 1.0, sd 0.158, t(4) 2.776 -> half-width 0.196
+    assert compare.paired(up, base) == "+1.00 [+0.80, +1.20] *"
+    noisy = [b + d for b, d in zip(base, [0.02, -0.02, 0.01, -0.01, 0.0])]
+    assert compare.paired(noisy, base).startswith("+0.00 [") and not compare.paired(noisy, base).endswith("*")
