@@ -260,28 +260,49 @@ class Federation:
 
     def run_round(self) -> dict:
         """Round t = self.round: train the sampled clients, aggregate, update the global model."""
+        chosen, phase, glob = self.begin_round()
+        tic = time.perf_counter()
+        results = [(k, *self.train_client(k, glob, phase))          # the clients this process trains
+                   for k in chosen[self.rank::self.world]]
+        self.set_scaling(self.scale)
+        if self.world > 1:
+            results = self.exchange(results, len(chosen), glob)
+            self.share_unreadable()
+        return self.finish_round(chosen, phase, glob, results, time.perf_counter() - tic)
+
+    def sample(self, t: int) -> list[int]:
+        """The clients of round t: a fraction `participation` of them, drawn by the seed and the round."""
+        g = torch.Generator().manual_seed(_seed(self.cfg.seed, t, 1))
+        m = max(1, round(self.cfg.participation * len(self.clients)))
+        return sorted(torch.randperm(len(self.clients), generator=g)[:m].tolist())
+
+    def begin_round(self) -> tuple[list[int], Optional[str], dict[str, Tensor]]:
+        """Server, before training: the round's clients, RoLoRA's phase, and the global trainable
+        state they start from (after client_init='fresh' has folded the adapter into W0)."""
         cfg, t = self.cfg, self.round
-        g = torch.Generator().manual_seed(_seed(cfg.seed, t, 1))
-        m = max(1, round(cfg.participation * len(self.clients)))
-        chosen = sorted(torch.randperm(len(self.clients), generator=g)[:m].tolist())
         phase = ("B" if t % 2 == 0 else "A") if cfg.method == "rolora" else None   # B first: A's grad is 0 at B = 0
         self.set_trainable_factors(phase)
         if cfg.client_init == "fresh" and t > 0 and cfg.method != "flora":  # flora restarts LoRA already
             fold_into_base(self.model, self.from_lead(self.adapter_products()))
             reset_lora(self.model, _seed(cfg.seed, t, 4))
-        glob = trainable_state(self.model)
+        return self.sample(t), phase, trainable_state(self.model)
 
-        tic = time.perf_counter()
-        results = []                                   # (k, upload, loss) of the clients this process trains
-        for k in chosen[self.rank::self.world]:
-            self.start_client(self.clients[k], glob, phase)
-            loss = self.local_train(self.clients[k], _seed(cfg.seed, t, 2, k))
-            results.append((k, trainable_state(self.model), loss))
+    def train_client(self, k: int, glob: dict[str, Tensor], phase: Optional[str]) -> tuple[dict[str, Tensor], float]:
+        """Client k's part of round self.round: start from `glob` (its own adapter where its method
+        keeps one), train locally; returns its upload (trainable tensors) and mean loss."""
+        self.set_trainable_factors(phase)
+        self.start_client(self.clients[k], glob, phase)
+        loss = self.local_train(self.clients[k], _seed(self.cfg.seed, self.round, 2, k))
+        return trainable_state(self.model), loss
+
+    def finish_round(self, chosen: list[int], phase: Optional[str], glob: dict[str, Tensor], results: list,
+                     t_train: float) -> dict:
+        """Server, after training: `results` [(k, upload, loss)] of the round's clients (NaN ones and
+        clients that never answered are left out, the weights renormalised over the rest), the
+        method's aggregation, the new global model, and the round's record."""
+        cfg, t = self.cfg, self.round
         self.set_scaling(self.scale)
-        if self.world > 1:
-            results = self.exchange(results, len(chosen), glob)
-            self.share_unreadable()
-        uploads, sizes, losses, dropped = [], [], [], []
+        uploads, sizes, losses, dropped = [], [], [], [k for k in chosen if k not in {r[0] for r in results}]
         for k, up, loss in sorted(results, key=lambda x: x[0]):
             if not math.isfinite(loss) or not all(v.isfinite().all() for v in up.values()):
                 if self.rank == 0:
@@ -296,7 +317,7 @@ class Federation:
             uploads.append(self.to_global_units(self.clients[k], up, phase))
             sizes.append(self.clients[k].n)
             losses.append(loss)
-        t_train = time.perf_counter() - tic
+        dropped.sort()
         if not uploads:
             raise RuntimeError(f"round {t}: every client's update was NaN/Inf; lower --lr")
 

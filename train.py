@@ -249,6 +249,14 @@ def check_method_options(args) -> None:
         raise UserError(f"{e} (set by {flags})") from None
 
 
+def fed_config(args) -> FedConfig:
+    """The federated run's settings from train.py's (resolved) arguments."""
+    return FedConfig(method=args.method, lr=args.lr, batch_size=args.batch_size, local_epochs=args.local_epochs,
+                     local_steps=args.local_steps, participation=args.participation, seed=args.seed, amp=args.amp,
+                     workers=args.workers, progress=args.progress, client_init=args.client_init,
+                     local_head=args.local_head, agg_options=method_options(args))
+
+
 def build_data(args, listing):
     """Domains and clients (labels and partition only: image transforms are set once the model is known)."""
     domains = args.domains.split(",") if args.domains else None
@@ -430,12 +438,7 @@ def run(args, rank: int = 0, world: int = 1) -> int:
         print(f"{args.dataset}: no split files found, so each (domain, class) was split train/test here "
               f"(seed {args.split_seed}); written to {args.out}/splits, reuse with --splits {args.out}/splits",
               file=sys.stderr)
-    cfg = FedConfig(method=args.method, lr=args.lr, batch_size=args.batch_size, local_epochs=args.local_epochs,
-                    local_steps=args.local_steps, participation=args.participation, seed=args.seed, amp=args.amp,
-                    workers=args.workers, progress=args.progress, client_init=args.client_init,
-                    local_head=args.local_head,
-                    agg_options=method_options(args))
-    fed = Federation(model, domains, clients, cfg, device, rank, world)
+    fed = Federation(model, domains, clients, fed_config(args), device, rank, world)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     done = 0
     if args.resume:   # restore the checkpoint (if round 1 ever finished) and drop metrics of rounds after it
