@@ -397,20 +397,54 @@ def _xavier(like: Tensor, seed: int, layer: Names = "layer") -> Tensor:
     return (noise * math.sqrt(6.0 / sum(mat))).to(like)
 
 
-def _check_fair_options(steps: int, lr: float, lam: float, init: str, correct: str) -> None:
+def _check_fair_options(steps: int, lr: float, lam: float, init: str, correct: str,
+                        objective: str = "cosine") -> None:
+    if objective not in ("cosine", "lsq"):
+        raise ValueError(f"lorafair objective must be 'cosine' or 'lsq', got {objective!r}")
+    if objective == "lsq" and correct != "B":
+        raise ValueError(f"lorafair objective 'lsq' refines B only (correct='B'), got correct={correct!r}")
     if not (isinstance(steps, int) and steps >= 0):
         raise ValueError(f"lorafair steps must be an integer >= 0, got {steps!r}")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lorafair lr must be a finite number > 0, got {lr!r}")
     if not (lam >= 0 and math.isfinite(lam)):
         raise ValueError(f"lorafair lam must be a finite number >= 0, got {lam!r}")
-    if lr * lam >= 1:
+    if objective == "cosine" and lr * lam >= 1:
         raise ValueError(f"lorafair: lr * lam = {lr * lam:g} >= 1 makes SGD on the term lam ||dB||^2 "
                          "diverge (each step multiplies dB by 1 - 2 lr lam); lower lr or lam")
     if init not in ("zeros", "xavier"):
         raise ValueError(f"lorafair init must be 'zeros' or 'xavier', got {init!r}")
     if correct not in ("B", "A", "both"):
         raise ValueError(f"lorafair correct must be 'B', 'A' or 'both', got {correct!r}")
+
+
+def lsq_residual(B_bar: Tensor, C: Tensor, G: Tensor, nX: Tensor, lam: float) -> Tensor:
+    """The ridge least-squares residual, the closed-form cousin of Eq. 8:
+
+        dB = argmin ||dW - (B_bar + dB) A_bar||_F^2 / ||dW||_F^2 + lam ||dB||_F^2.
+
+    The data term is divided by ||dW||^2 so that it is O(1), like the cosine loss, and a value of
+    lam weighs the same against it in both objectives. Setting the gradient to zero,
+    (dB A_bar - R) A_bar^T / ||dW||^2 + lam dB = 0 with R = dW - B_bar A_bar, gives
+
+        dB = (C - B_bar G) (G + lam ||dW||^2 I)^-1,   C = dW A_bar^T,  G = A_bar A_bar^T,
+
+    from the factors (C = U (V A_bar^T): dW is never formed), one r x r solve per layer, no
+    iterations. lam = 0: dB = (C - B_bar G) G^+, the minimum-norm least-squares solution, which
+    also serves a rank-deficient A_bar (a rank slot no client has); then (B_bar + dB) A_bar = dW P,
+    the projection of dW onto A_bar's row space, whose cosine is the ceiling `bias_bounds` reports.
+    lam -> infinity: dB -> 0, FedIT. Solved in float64, returned in B_bar's dtype.
+    Shapes: B_bar, C (..., d_out, r), G (..., r, r), nX (...,).
+    """
+    C64, G64, B64 = C.double(), G.double(), B_bar.double()
+    rhs = C64 - B64 @ G64                                                    # R A_bar^T: (..., d_out, r)
+    if lam == 0:
+        dB = rhs @ torch.linalg.pinv(G64, hermitian=True)
+    else:
+        eye = torch.eye(G.shape[-1], dtype=torch.float64, device=G.device)
+        reg = G64 + lam * nX.double()[..., None, None].square() * eye         # G + lam ||dW||^2 I: SPD
+        dB = torch.linalg.solve(reg, rhs.mT).mT                               # reg symmetric: solve from the right
+    return dB.to(B_bar.dtype)
 
 
 def _fair_inputs(A: Tensor, B: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
@@ -426,7 +460,7 @@ def _fair_inputs(A: Tensor, B: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tenso
 
 def lorafair(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", steps: int = 1000, lr: float = 0.01,
              lam: float = 0.01, init: str = "zeros", similarity: str = "flat", correct: str = "B",
-             eps: float = 1e-8, seed: int = 0) -> Update:
+             eps: float = 1e-8, seed: int = 0, objective: str = "cosine") -> Update:
     """LoRA-FAIR: (A_bar, B_bar + dB), with the residual dB of Eq. 8,
 
         dB = argmin [1 - cos(dW, (B_bar + dB) A_bar)] + lam ||dB||_F^2,
@@ -449,11 +483,17 @@ def lorafair(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", ste
 
     Heterogeneous ranks: B_bar is refined on the zero-padded factors (as LoRA-FAIR-derived public
     code does) at rank R, and each client takes its truncation.
+
+    objective='lsq' replaces the cosine by its closed-form cousin (`lsq_residual`); steps, lr,
+    init and similarity do not apply to it.
     """
     A, B, w, dtype = _check(A, B, w, layer)
     _padding(A, B, ranks, layer)
-    _check_fair_options(steps, lr, lam, init, correct)
+    _check_fair_options(steps, lr, lam, init, correct, objective)
     A_bar, B_bar, U, V = _fair_inputs(A, B, w)
+    if objective == "lsq":
+        C, G, nX = _flat_terms(U, V, A_bar, eps)
+        return _cast(Update(A_bar, B_bar + lsq_residual(B_bar, C, G, nX, lam), None), dtype)
     start = (lambda X, s, names: torch.zeros_like(X)) if init == "zeros" else _xavier
     dB = start(B_bar, seed, layer) if correct != "A" else None      # (..., d_out, r)
     dA = start(A_bar, seed + 1, layer) if correct != "B" else None  # (..., r, d_in)
@@ -487,10 +527,11 @@ def lorafair_groups(groups: Sequence[tuple], **options) -> list[Update]:
     the summed loss), fewer kernel launches. Any other variant runs group by group.
     """
     flat = (options.get("similarity", "flat") == "flat" and options.get("correct", "B") == "B"
-            and options.get("init", "zeros") == "zeros")
+            and options.get("init", "zeros") == "zeros" and options.get("objective", "cosine") == "cosine")
     if not flat:
         return [lorafair(A, B, w, layer=names, **options) for names, A, B, w in groups]
-    unknown = set(options) - {"steps", "lr", "lam", "init", "similarity", "correct", "eps", "seed", "ranks"}
+    unknown = set(options) - {"steps", "lr", "lam", "init", "similarity", "correct", "eps", "seed", "ranks",
+                              "objective"}
     if unknown:
         raise TypeError(f"lorafair got unexpected options {sorted(unknown)}")
     steps, lr, lam, eps = (options.get(k, d) for k, d in (("steps", 1000), ("lr", 0.01), ("lam", 0.01),

@@ -105,6 +105,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fair-init", default="zeros", choices=["zeros", "xavier"])
     p.add_argument("--fair-similarity", default="flat", choices=["flat", "column"])
     p.add_argument("--fair-correct", default="B", choices=["B", "A", "both"], help="which factor gets a residual")
+    p.add_argument("--fair-objective", default="cosine", choices=["cosine", "lsq"],
+                   help="Eq. 8 by SGD (the paper), or its closed-form ridge least-squares cousin (README)")
     p.add_argument("--hetlora-use-p", action="store_true",
                    help="hetlora: weight clients by p_k ||B_k A_k|| instead of ||B_k A_k|| alone")
     p.add_argument("--florist-tau", type=float, default=0.9, help="florist: share of sum sigma^2 the kept components reach")
@@ -186,7 +188,7 @@ def bf16_native(device: str) -> bool:
 
 OPTION_FLAGS = {   # method -> {aggregator option: train.py argument}
     "lorafair": {"steps": "fair_steps", "lr": "fair_lr", "lam": "fair_lam", "init": "fair_init",
-                 "similarity": "fair_similarity", "correct": "fair_correct"},
+                 "similarity": "fair_similarity", "correct": "fair_correct", "objective": "fair_objective"},
     "hetlora": {"use_p": "hetlora_use_p"},
     "florist": {"tau": "florist_tau"},
 }

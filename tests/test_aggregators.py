@@ -579,3 +579,72 @@ def test_unequal_adapter_scalings_are_aggregated_in_weight_units(method):
     if method in ("fedit", "fedex", "lorafair", "rbla", "fedsa"):          # ignoring s_k mixes units
         naive = AGGREGATORS[method](A_k, B_k, w, **opts)
         assert (applied_update(naive, A_k, B_k, w) - target).norm() > 0.1 * target.norm()
+
+
+# ----------------------------------------------------------------------------- LoRA-FAIR's closed form (lsq)
+
+def dense_lsq(A, B, w, lam):
+    """min ||dW - (B_bar + dB) A_bar||^2 / ||dW||^2 + lam ||dB||^2 as one stacked least-squares
+    problem, dense and independent of the normal equations: [A_bar^T; sqrt(lam) ||dW|| I] dB^T =
+    [R^T; 0], solved by torch.linalg.lstsq (gelsd: the minimum-norm solution when rank-deficient)."""
+    dW = dense_dW(A, B, w)
+    A_bar, B_bar = avg(A, w), avg(B, w)
+    R = dW - B_bar @ A_bar                                                       # (d_out, d_in)
+    r = A_bar.shape[-2]
+    M = torch.cat([A_bar.mT, (lam ** 0.5) * dW.norm() * torch.eye(r, dtype=A.dtype)])   # (d_in + r, r)
+    rhs = torch.cat([R.mT, torch.zeros(r, R.shape[0], dtype=A.dtype)])                   # (d_in + r, d_out)
+    return B_bar + torch.linalg.lstsq(M, rhs, driver="gelsd").solution.mT
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-3, 0.01, 1.0])
+def test_lsq_equals_the_dense_least_squares_solution(lam):
+    A, B, w = clients(K=4, d_out=11, d_in=8, r=3)
+    u = lorafair(A, B, w, objective="lsq", lam=lam)
+    torch.testing.assert_close(u.B, dense_lsq(A, B, w, lam), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(u.A, avg(A, w), rtol=0, atol=1e-14)
+
+
+def test_lsq_at_lam_zero_is_the_projection_and_reaches_the_ceiling():
+    A, B, w = clients(K=4, lead=(2,), d_out=11, d_in=8, r=3)
+    u = lorafair(A, B, w, objective="lsq", lam=0.0)
+    dW = dense_dW(A, B, w)
+    A_bar = avg(A, w)
+    P = A_bar.mT @ torch.linalg.inv(A_bar @ A_bar.mT) @ A_bar                    # full row rank
+    torch.testing.assert_close(u.B @ u.A, dW @ P, rtol=1e-9, atol=1e-10)
+    cos = lambda X, Y: (X * Y).sum((-2, -1)) / (X.flatten(-2).norm(dim=-1) * Y.flatten(-2).norm(dim=-1))  # noqa
+    _, ceiling = bias_bounds(A, B, w)
+    torch.testing.assert_close(cos(dW, u.B @ u.A), ceiling, rtol=1e-10, atol=1e-12)
+    for steps, lr in ((1000, 0.01), (3000, 0.5)):                                # the paper's SGD never beats it
+        sgd = lorafair(A, B, w, steps=steps, lr=lr, lam=0.0)
+        assert (cos(dW, sgd.B @ sgd.A) <= cos(dW, u.B @ u.A) + 1e-12).all()
+    far = lorafair(A, B, w, objective="lsq", lam=1e12)                           # lam -> infinity: FedIT
+    torch.testing.assert_close(far.B, avg(B, w), rtol=1e-9, atol=1e-9)
+
+
+def test_lsq_with_a_rank_deficient_A_bar_is_the_minimum_norm_solution():
+    A, B, w = clients(K=3, d_out=11, d_in=8, r=3)
+    A[:, 2] = A[:, 1] * 0.5                                                      # row 2 of A_bar = row 1 / 2
+    u = lorafair(A, B, w, objective="lsq", lam=0.0)
+    ref = dense_lsq(A, B, w, 0.0)
+    torch.testing.assert_close(u.B, ref, rtol=1e-8, atol=1e-9)
+    A_bar = avg(A, w)
+    assert torch.linalg.matrix_rank(A_bar @ A_bar.mT) == 2
+    other = ref + torch.outer(torch.randn(11, dtype=torch.float64), torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64))
+    torch.testing.assert_close(other @ A_bar, ref @ A_bar)                       # another solution, same product,
+    assert (other - avg(B, w)).norm() > (u.B - avg(B, w)).norm()                 # larger residual dB
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lsq_batched_and_in_every_dtype(dtype):
+    A, B, w = clients(K=3, lead=(2, 3))
+    u = lorafair(A.to(dtype), B.to(dtype), w, objective="lsq", lam=0.01)
+    assert u.B.dtype == dtype
+    for i in range(2):
+        for j in range(3):
+            ref = lorafair(A[i, j], B[i, j], w, objective="lsq", lam=0.01)
+            torch.testing.assert_close(u.B[i, j].double(), ref.B, rtol=0.05 if dtype == torch.bfloat16 else 1e-4,
+                                       atol=0.05 if dtype == torch.bfloat16 else 1e-4)
+    with pytest.raises(ValueError, match="objective 'lsq' refines B only"):
+        lorafair(A, B, w, objective="lsq", correct="A")
+    with pytest.raises(ValueError, match="objective must be 'cosine' or 'lsq'"):
+        lorafair(A, B, w, objective="l2")

@@ -280,7 +280,10 @@ def test_rank_by_domain_gives_every_client_of_a_domain_its_rank():
     ("florist", ["--florist-tau", "0.5"], {"tau": 0.5}),
     ("hetlora", ["--hetlora-use-p"], {"use_p": True}),
     ("lorafair", ["--fair-lam", "0.2"], {"steps": 1000, "lr": 0.01, "lam": 0.2, "init": "zeros", "similarity": "flat",
-                                         "correct": "B"}),
+                                         "correct": "B", "objective": "cosine"}),
+    ("lorafair", ["--fair-objective", "lsq", "--fair-lam", "0"], {"steps": 1000, "lr": 0.01, "lam": 0.0,
+                                                                  "init": "zeros", "similarity": "flat",
+                                                                  "correct": "B", "objective": "lsq"}),
     ("fedit", [], {}),
 ])
 def test_method_options_reach_the_aggregator(tmp_path, monkeypatch, method, extra, options):
@@ -424,3 +427,11 @@ def test_deterministic_flag_is_set_for_the_run_and_restored(tmp_path, monkeypatc
                         lambda self: seen.append(torch.are_deterministic_algorithms_enabled()) or real(self))
     assert train(tmp_path, "--rounds", "1", "--method", "fedit", "--deterministic") == 0
     assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_lsq_objective_reaches_the_logged_ceiling_in_every_layer(tmp_path):
+    assert train(tmp_path, "--method", "lorafair", "--fair-objective", "lsq", "--fair-lam", "0", "--rounds", "2") == 0
+    for rec in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")):
+        for layer in rec["layers"].values():
+            assert layer["cos"] == pytest.approx(layer["ceiling"], abs=1e-5)
+            assert layer["cos"] >= layer["cos_fedit"] - 1e-6
