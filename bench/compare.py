@@ -52,6 +52,10 @@ SETTINGS = {   # federated arguments; every setting moves 180 local steps of bat
                 "--local-steps", "15"],                                                   # 12 of 60 x 15
 }
 CENTRALISED = ["--method", "fedit", "--centralised", "--local-steps", "180", "--lr", "0.01"]
+LSQ = {   # LoRA-FAIR's closed-form objective (aggregators.lsq_residual): lam 0 (the projection) and the paper's lam
+    "lorafair lsq lam 0": ["--method", "lorafair", "--fair-objective", "lsq", "--fair-lam", "0"],
+    "lorafair lsq lam 0.01": ["--method", "lorafair", "--fair-objective", "lsq", "--fair-lam", "0.01"],
+}
 BACKBONES = {"vit": "vit_shapes", "mixer": "mixer_shapes"}
 PAPER = {   # the paper's methods per table; the ViT feature setting runs every method here
     ("feature", "vit"): list(AGGREGATORS)[:8],
@@ -172,6 +176,7 @@ def cell(args, extra: list[str], setting: str, backbone: str) -> None:
             methods = list(AGGREGATORS)
         variants = {m: ["--method", m] for m in methods}
         if not args.ranks:
+            variants.update(LSQ)
             variants["centralised"] = CENTRALISED if shapes else ["--method", "fedit", "--centralised"]
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
@@ -204,19 +209,21 @@ def write_table(results, seeds, out, args, setting, backbone, base, fed) -> None
     lines = [f"{args.dataset}, setting {setting}, backbone {backbone}: {len(seeds)} seeds ({args.seeds}), top-1 % "
              "after the last round, mean ± std over seeds; Δ: paired difference to "
              f"{ref_name} over the same seeds, 95% t interval, * where it excludes 0", "",
-             "| method | " + " | ".join(domains) + f" | **mean** | Δ vs {ref_name} | cos(dW, applied) | FedIT's cos | "
-             "ceiling | MB per round |", "|---|" + "---|" * (len(domains) + 6)]
+             "| method | " + " | ".join(domains) + f" | **mean** | Δ vs {ref_name} | Δ vs lorafair | cos(dW, applied) | "
+             "FedIT's cos | ceiling | MB per round |", "|---|" + "---|" * (len(domains) + 7)]
+    fair = results.get("lorafair")
     for name, runs in results.items():
         cells = [fmt([r[-1]["acc"][d] for r in runs]) for d in domains]
         mean = [r[-1]["acc"]["mean"] for r in runs]
         delta = "" if runs is ref or ref is None else paired(mean, [r[-1]["acc"]["mean"] for r in ref])
+        delta_fair = paired(mean, [r[-1]["acc"]["mean"] for r in fair]) if fair and name.startswith("lorafair ") else ""
         avg = lambda key: statistics.mean(statistics.mean(rec[key] for rec in r) for r in runs)   # noqa: E731
         has = all(key in rec for r in runs for rec in r for key in ("cos_fedit", "ceiling"))
         wire = [(rec["bytes"]["up"] + rec["bytes"]["down"]) / 1e6 for r in runs for rec in r if "bytes" in rec]
         bias = f"{avg('cos_fedit'):.4f} | {avg('ceiling'):.4f}" if has else "n/a | n/a"   # older runs: n/a
         mb = f"{statistics.mean(wire):.3f}" if wire else "n/a"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{fmt(mean)}** | {delta} | {avg('cos'):.4f} | "
-                     f"{bias} | {mb} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{fmt(mean)}** | {delta} | {delta_fair} | "
+                     f"{avg('cos'):.4f} | {bias} | {mb} |")
     lines += ["", "Command: `python bench/compare.py " + " ".join(sys.argv[1:]) + "`",
               "Settings: `" + " ".join(base + fed) + "` (centralised: `" + " ".join(CENTRALISED) + "`)"]
     os.makedirs(out, exist_ok=True)
@@ -245,8 +252,8 @@ def plot(results, out, title) -> None:
         return [statistics.mean(r[i][key] for r in runs) for i in range(len(runs[0]))]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, runs in results.items():
-        ax.plot([rec["round"] for rec in runs[0]], [100 * a["mean"] for a in per_round(runs, "acc")],
-                marker="o", ms=3, label=name)
+        acc = [statistics.mean(100 * r[i]["acc"]["mean"] for r in runs) for i in range(len(runs[0]))]
+        ax.plot([rec["round"] for rec in runs[0]], acc, marker="o", ms=3, label=name)
     ax.set(xlabel="round", ylabel="mean top-1 (%)", title=f"{title}: global model, mean over seeds")
     ax.legend(fontsize=7)
     fig.tight_layout()

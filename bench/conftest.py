@@ -19,9 +19,10 @@ def record():
 
 @pytest.fixture(scope="session")
 def ratio():
-    """ratio(label, slow, fast): report slow/fast once both were recorded."""
-    def _ratio(label, slow, fast):
-        _RATIOS.append((label, slow, fast, _TIMES[slow] / _TIMES[fast]))
+    """ratio(label, slow, fast, scale=1): report scale * slow / fast once both were recorded
+    (scale: e.g. 1000 when `slow` was recorded per step of a 1000-step round)."""
+    def _ratio(label, slow, fast, scale=1):
+        _RATIOS.append((label, slow, fast, scale * _TIMES[slow] / _TIMES[fast]))
     return _ratio
 
 

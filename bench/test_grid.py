@@ -203,6 +203,30 @@ def test_server_step_heterogeneous(benchmark, machine, method, geometry, K):
                      fast=fast, ref=ref, bound=bound))
 
 
+LSQ_ROWS: list[dict] = []
+
+
+@pytest.mark.parametrize("r", RS)
+@pytest.mark.parametrize("K", KS)
+@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+def test_lorafair_lsq_against_the_sgd_round(benchmark, machine, geometry, K, r):
+    """objective='lsq' (one r x r solve per layer) against objective='cosine' (1000 SGD steps; timed
+    at FAIR_STEPS and scaled), same inputs, same run."""
+    dev = machine["device"]
+    if r > min(min(shape) for shape in GEOMETRIES[geometry]):
+        pytest.skip(f"r = {r} exceeds the layers' size")
+    if predicted("lorafair", geometry, K, r, machine) > BUDGET_S / 20:
+        pytest.skip(f"the SGD round needs over {BUDGET_S / 20:.1f} s a call here (BENCH_BUDGET_S={BUDGET_S})")
+    data = inputs(geometry, K, r, "lorafair", dev)
+    w = torch.full((K,), 1.0 / K, device=dev)
+    fn = AGGREGATORS["lorafair"]
+    benchmark.pedantic(lambda: [fn(A, B, w, objective="lsq", lam=0.01) for A, B in data] and sync(dev), rounds=2,
+                       iterations=1, warmup_rounds=1)
+    sgd = timeit(lambda: [fn(A, B, w, steps=FAIR_STEPS) for A, B in data] and sync(dev), dev, repeat=2)
+    LSQ_ROWS.append(dict(device=dev, geometry=geometry, K=K, r=r, lsq=benchmark.stats.stats.min,
+                         sgd=sgd * 1000 / FAIR_STEPS))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def write_table():
     """After the grid: markdown tables in bench/results/server_grid.md (equal ranks) and
@@ -227,5 +251,15 @@ def write_table():
                          f"{row['fast'] * 1e3:.2f} | {ref} | {ratio} | {100 * row['bound'] / row['fast']:.1f}% |")
         os.makedirs("bench/results", exist_ok=True)
         with open(os.path.join("bench/results", name), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print("\n" + "\n".join(lines))
+    if LSQ_ROWS:
+        lines = [f"Machine: {describe()}. LoRA-FAIR's server step, float32, best of 2: objective='lsq' (closed "
+                 f"form) against objective='cosine' (1000 SGD steps, timed at {FAIR_STEPS} and scaled).", "",
+                 "| device | geometry | K | r | lsq (ms) | SGD round (ms) | SGD / lsq |", "|---|---|---|---|---|---|---|"]
+        for row in LSQ_ROWS:
+            lines.append(f"| {row['device']} | {row['geometry']} | {row['K']} | {row['r']} | {row['lsq'] * 1e3:.2f} | "
+                         f"{row['sgd'] * 1e3:.1f} | {row['sgd'] / row['lsq']:.0f}x |")
+        with open(os.path.join("bench/results", "server_grid_lsq.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
         print("\n" + "\n".join(lines))

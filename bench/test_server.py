@@ -46,6 +46,17 @@ def test_lorafair_dense(benchmark, record, ratio):
     ratio("lorafair factored speed-up", "lorafair dense, per SGD step", "lorafair factored, per SGD step")
 
 
+def test_lorafair_lsq_closed_form(benchmark, record, ratio):
+    """LoRA-FAIR with objective='lsq': one r x r solve per layer against the 1000-step SGD round,
+    both factored, same run; and in float64 its cosine is at least SGD's (the ceiling)."""
+    data = layers()
+    benchmark.pedantic(server_step, args=(lorafair, data), kwargs={"objective": "lsq", "lam": 0.01}, rounds=5,
+                       iterations=1, warmup_rounds=1)
+    record("lorafair lsq (closed form), whole round", benchmark)
+    ratio("lorafair lsq speed-up over the 1000-step SGD round", "lorafair factored, per SGD step",
+          "lorafair lsq (closed form), whole round", scale=1000)
+
+
 def dense_lorafair_fn(A, B, w, **kw):
     return dense_lorafair(A, B, w, **kw)
 
