@@ -11,7 +11,7 @@ clients by adapter size only. A round:
      method from aggregators.py (FedAvg for the head) and folds delta_w into W0 where the method
      does (FLoRA, FedEx-LoRA);
   4. it logs cos(dW, dW_applied) and ||dW - dW_applied|| / ||dW||, averaged over layers, and per
-     layer next to FedIT's cosine and the ceiling of any refined B (aggregators.bias_bounds).
+     layer next to FedIT's cosine and the ceiling of any refined B (states.bias_bounds).
 
 An image that exists but cannot be decoded arrives with label -1 (data.ImageList): it is left out
 of the loss and of accuracy, and counted once per domain (`unreadable()`).

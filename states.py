@@ -1,5 +1,6 @@
 """Aggregate whole client state dicts: find the LoRA pairs by name, stack same-shape layers, run
-one method of aggregators.py per stack, FedAvg everything else.
+one method of aggregators.py per stack, FedAvg everything else; and measure, per layer, how far
+each method's result is from the ideal update dW (`diagnostics`, `bias_bounds`).
 
 Keys as this project, HF PEFT's saved adapters and a live PEFT model write them:
 
@@ -15,8 +16,66 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from aggregators import bias_bounds, check_weights, diagnostics, get_aggregator, lorafair_groups
+from aggregators import Update, check_weights, get_aggregator, lorafair_groups, stacked_factors, weighted_mean
 
+
+# ----------------------------------------------------------------------------- how far from dW
+
+def applied_update(update: Update, A: Tensor, B: Tensor, w: Tensor) -> Tensor:
+    """What the global model's adapter product becomes, B A + delta_w: (..., d_out, d_in).
+
+    A factor the method leaves to the clients (None) is taken as its plain average, which is what
+    FedSA's B_bar would be and what FLoRA's re-initialised B = 0 contributes nothing to.
+    """
+    if update.A is None and update.B is None:
+        out = torch.zeros_like(update.delta_w)
+    else:
+        A_g = update.A if update.A is not None else weighted_mean(A, w)
+        B_g = update.B if update.B is not None else weighted_mean(B, w)
+        out = B_g @ A_g
+    return out if update.delta_w is None else out + update.delta_w
+
+
+def bias_bounds(A: Tensor, B: Tensor, w, *, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
+    """FedIT's cos(dW, B_bar A_bar) and the ceiling of every method that keeps A_bar and refines B:
+
+        max_{B'} cos(dW, B' A_bar) = ||dW P||_F / ||dW||_F,   P = A_bar^T (A_bar A_bar^T)^+ A_bar,
+
+    the projection onto A_bar's row space (B' A_bar has its rows there, so <dW, B' A_bar> =
+    <dW P, B' A_bar> <= ||dW P|| ||B' A_bar||; equality at B' = C G^+). From the factors:
+    C = dW A_bar^T = U (V A_bar^T), G = A_bar A_bar^T, ||dW P||^2 = sum((C G^+) * C). LoRA-FAIR's
+    Eq. 8 cannot beat the ceiling; how far FedIT is below it is what it can correct at all.
+    In float64; two (...,) tensors.
+    """
+    A, B = A.detach().double(), B.detach().double()
+    w = torch.as_tensor(w).to(A.device, torch.float64)
+    A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)
+    U, V = stacked_factors(A, B, w)                                          # U: (..., d_out, K r)
+    C = U @ (V @ A_bar.mT)                                                    # (..., d_out, r)
+    G = A_bar @ A_bar.mT                                                      # (..., r, r)
+    nX = ((U.mT @ U) * (V @ V.mT)).sum((-2, -1)).clamp_min(0).sqrt().clamp_min(eps)
+    nY = ((B_bar @ G) * B_bar).sum((-2, -1)).clamp_min(0).sqrt().clamp_min(eps)
+    fedit_cos = (B_bar * C).sum((-2, -1)) / (nX * nY)
+    ceiling = ((C @ torch.linalg.pinv(G, hermitian=True)) * C).sum((-2, -1)).clamp_min(0).sqrt() / nX
+    return fedit_cos, ceiling.clamp(max=1.0)
+
+
+def diagnostics(update: Update, A: Tensor, B: Tensor, w, *, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
+    """cos(dW, dW_applied) and ||dW - dW_applied||_F / ||dW||_F per layer: two (...,) tensors."""
+    ct = torch.promote_types(A.dtype, torch.float32)                         # half precision: in float32
+    A, B, w = A.to(ct), B.to(ct), torch.as_tensor(w).to(A.device, ct)
+    update = Update(*(None if x is None else x.to(ct) for x in update))
+    U, V = stacked_factors(A, B, w)
+    dW = U @ V                                                                # (..., d_out, d_in)
+    applied = applied_update(update, A, B, w)
+    nX = dW.flatten(-2).norm(dim=-1).clamp_min(eps)
+    nY = applied.flatten(-2).norm(dim=-1).clamp_min(eps)
+    cos = (dW * applied).sum((-2, -1)) / (nX * nY)
+    rel = (dW - applied).flatten(-2).norm(dim=-1) / nX
+    return cos, rel
+
+
+# ----------------------------------------------------------------------------- state dicts
 
 class StateUpdate(NamedTuple):
     state: dict[str, Tensor]    # new global adapter keys (where the method returns them) and the rest, FedAvg'd

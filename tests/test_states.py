@@ -1,12 +1,13 @@
 """aggregate_states on whole client state dicts: the same numbers as per-layer calls, every key form
-of HF PEFT, and a round trip through a real PEFT model."""
+of HF PEFT, and a round trip through a real PEFT model; the bias diagnostics against dense ones."""
 import pytest
 import torch
 
-from aggregators import AGGREGATORS, diagnostics
-from states import aggregate_states
+from aggregators import AGGREGATORS, fedit, lorafair
+from states import aggregate_states, bias_bounds, diagnostics
 from tests.reference import dense_dW
-from tests.test_aggregators import OPTS, R, avg, run
+from tests.test_aggregators import OPTS, R, avg, clients, run
+
 
 def client_states(K=3, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -229,3 +230,43 @@ def test_aggregators_and_states_work_copied_alone(tmp_path):
                 for top in tops:
                     assert top in ("torch", "aggregators", "__future__") or top in sys.stdlib_module_names, \
                         f"{name} imports {top}"
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+def test_bias_bounds_against_the_dense_projection():
+    A, B, w = clients(K=4, lead=(3,), d_out=11, d_in=8, r=3)
+    fedit_cos, ceiling = bias_bounds(A, B, w)
+    dW = dense_dW(A, B, w)
+    A_bar = avg(A, w)
+    P = A_bar.mT @ torch.linalg.pinv(A_bar @ A_bar.mT) @ A_bar                  # (3, d_in, d_in)
+    cos = lambda X, Y: (X * Y).sum((-2, -1)) / (X.flatten(-2).norm(dim=-1) * Y.flatten(-2).norm(dim=-1))  # noqa
+    torch.testing.assert_close(ceiling, cos(dW, dW @ P), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fedit_cos, cos(dW, avg(B, w) @ A_bar), rtol=1e-10, atol=1e-12)
+    assert (fedit_cos <= ceiling + 1e-12).all() and (ceiling < 1 - 1e-3).all()   # d_in > r: a real ceiling
+    B_star = dW @ A_bar.mT @ torch.linalg.pinv(A_bar @ A_bar.mT)                 # the B' that reaches it
+    torch.testing.assert_close(cos(dW, B_star @ A_bar), ceiling, rtol=1e-10, atol=1e-12)
+    for seed in range(20):                                                      # and no B' goes beyond
+        Bp = torch.randn(B_star.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        assert (cos(dW, (B_star + 0.1 * Bp) @ A_bar) <= ceiling + 1e-12).all()
+    fair = lorafair(A, B, w, steps=300, lr=0.5, lam=0.0)
+    assert (cos(dW, fair.B @ fair.A) <= ceiling + 1e-12).all()
+    assert (cos(dW, fair.B @ fair.A) > fedit_cos).all()
+    A_low = A.clone()
+    A_low[..., 2, :] = A_low[..., 1, :]                                         # rank-deficient A_bar: pinv
+    _, ceiling_low = bias_bounds(A_low, B, w)
+    A_bar = avg(A_low, w)
+    P = A_bar.mT @ torch.linalg.pinv(A_bar @ A_bar.mT, hermitian=True) @ A_bar
+    torch.testing.assert_close(ceiling_low, cos(dense_dW(A_low, B, w), dense_dW(A_low, B, w) @ P),
+                               rtol=1e-8, atol=1e-10)
+
+
+def test_diagnostics_measure_the_bias():
+    A, B, w = clients(K=4)
+    cos, rel = diagnostics(fedit(A, B, w), A, B, w)
+    assert cos < 0.99 and rel > 0.05
+    for method in ("flora", "fedex"):
+        cos, rel = diagnostics(run(method, A, B, w), A, B, w)
+        assert cos == pytest.approx(1.0, abs=1e-12) and rel < 1e-12
+    cos_fair, _ = diagnostics(lorafair(A, B, w), A, B, w)
+    assert cos_fair > diagnostics(fedit(A, B, w), A, B, w)[0]
