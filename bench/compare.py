@@ -1,6 +1,6 @@
 """The method comparison (the paper's Table 1 and its other settings), by one command each.
 
-    python bench/compare.py --all                        # the four cells below, 5 seeds (about an hour, 2 cores)
+    python bench/compare.py --all                        # the four cells below, 5 seeds (about 75 min, 2 cores)
     python bench/compare.py --setting feature            # Table 1: one client per style, ViT
     python bench/compare.py --setting feature --backbone mixer
     python bench/compare.py --setting label              # 30 clients, 5 per style, Dirichlet(0.5) labels
