@@ -609,3 +609,16 @@ def test_lsq_batched_and_in_every_dtype(dtype):
         lorafair(A, B, w, objective="lsq", correct="A")
     with pytest.raises(ValueError, match="objective must be 'cosine' or 'lsq'"):
         lorafair(A, B, w, objective="l2")
+
+
+def test_lsq_with_heterogeneous_ranks_refines_the_padded_average():
+    A, B, w = hetero_clients()
+    u = lorafair(A, B, w, ranks=RANKS, objective="lsq", lam=0.0)
+    torch.testing.assert_close(u.B, lorafair(A, B, w, objective="lsq", lam=0.0).B)   # padding is zero
+    _, ceiling = bias_bounds(A, B, w)
+    cos, _ = diagnostics(u, A, B, w)
+    torch.testing.assert_close(cos, ceiling, rtol=1e-9, atol=1e-10)
+    with pytest.raises(ValueError, match="client 0's A is not zero beyond its rank"):
+        bad = A.clone()
+        bad[0, -1, 0] = 1.0                                       # client 0 has rank RANKS[0] < R
+        lorafair(bad, B, w, ranks=RANKS, objective="lsq")

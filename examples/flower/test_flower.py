@@ -79,3 +79,34 @@ def test_a_stopped_server_resumes_to_the_same_result(tmp_path):
     simulate(f"{args} --rounds 2", str(tmp_path / "flower"), 3, resume=True)
     want, got = (load_file(tmp_path / n / "final.safetensors") for n in ("train", "flower"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_a_failing_client_is_left_out_and_the_weights_renormalised(tmp_path):
+    """Node 1's ClientApp raises every round: its error reply is left out, the round goes on with
+    clients 0 and 2 (p_k renormalised over them), as train.py leaves out a NaN client."""
+    from flwr.clientapp import ClientApp
+    from flwr.simulation import run_simulation
+    from lorafair_flower import client_app, server_app
+    torch.set_num_threads(1)
+    args = f"{TINY} --method lorafair --rounds 2"
+    inner = client_app.make_app(args)
+    app = ClientApp()
+
+    @app.query()
+    def query(msg, context):
+        return inner(msg, context)
+
+    @app.train()
+    def train(msg, context):
+        if int(context.node_config["partition-id"]) == 1:
+            raise RuntimeError("this node fails")
+        return inner(msg, context)
+    run_simulation(server_app=server_app.make_app({"train-args": args, "out": str(tmp_path / "fl")}),
+                   client_app=app, num_supernodes=3,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                                   "init_args": {"num_cpus": 2, "include_dashboard": False}})
+    recs = [json.loads(x) for x in open(tmp_path / "fl" / "metrics.jsonl")]
+    assert [(r["clients"], r["dropped"]) for r in recs] == [([0, 2], [1]), ([0, 2], [1])]
+    final = load_file(tmp_path / "fl" / "final.safetensors")
+    assert all(torch.isfinite(v).all() for v in final.values())
