@@ -37,7 +37,6 @@ This file depends on torch and the standard library only, so it can be copied al
 from __future__ import annotations
 
 import math
-import zlib
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -379,6 +378,14 @@ def _cosine_parts(U: Tensor, V: Optional[Tensor], A_bar: Tensor, similarity: str
     raise ValueError(f"lorafair similarity must be 'flat' or 'column', got {similarity!r}")
 
 
+def _fnv1a(name: str) -> int:
+    """A hash of a layer name that is the same in every process and Python version (FNV-1a, 32 bit)."""
+    h = 2166136261
+    for byte in name.encode():
+        h = ((h ^ byte) * 16777619) % 2**32
+    return h
+
+
 def _xavier(like: Tensor, seed: int, layer: Names = "layer") -> Tensor:
     """xavier_uniform_ on each (fan_out, fan_in) matrix: U(-b, b), b = sqrt(6 / (fan_in + fan_out)),
     drawn on the CPU in float64 so the same seed gives the same noise on every device. With one
@@ -388,7 +395,7 @@ def _xavier(like: Tensor, seed: int, layer: Names = "layer") -> Tensor:
     lead, mat = like.shape[:-2], like.shape[-2:]
 
     def draw(shape, name: str) -> Tensor:
-        g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        g = torch.Generator().manual_seed((seed * 1_000_003 + _fnv1a(name)) % 2**63)
         return torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
     if len(names) == math.prod(lead):                                # one name per layer (or one layer)
         noise = torch.stack([draw(mat, name) for name in names]).reshape(like.shape)
@@ -429,7 +436,7 @@ def lsq_residual(B_bar: Tensor, C: Tensor, G: Tensor, nX: Tensor, lam: float) ->
 
         dB = (C - B_bar G) (G + lam ||dW||^2 I)^-1,   C = dW A_bar^T,  G = A_bar A_bar^T,
 
-    from the factors (C = U (V A_bar^T): dW is never formed), one r x r solve per layer, no
+    computed on the factors (C = U (V A_bar^T): dW is never formed), one r x r solve per layer, no
     iterations. lam = 0: dB = (C - B_bar G) G^+, the minimum-norm least-squares solution, which
     also serves a rank-deficient A_bar (a rank slot no client has); then (B_bar + dB) A_bar = dW P,
     the projection of dW onto A_bar's row space, whose cosine is the ceiling states.bias_bounds reports.

@@ -264,7 +264,6 @@ class Federation:
         tic = time.perf_counter()
         results = [(k, *self.train_client(k, glob, phase))          # the clients this process trains
                    for k in chosen[self.rank::self.world]]
-        self.set_scaling(self.scale)
         if self.world > 1:
             results = self.exchange(results, len(chosen), glob)
             self.share_unreadable()

@@ -4,7 +4,6 @@ They follow the paper's formulas literally (form dW, form (B_bar + dB) A_bar at 
 run a dense SVD), so any disagreement with aggregators.py is a bug in one of them.
 """
 import math
-import zlib
 
 import torch
 
@@ -34,8 +33,11 @@ def dense_lorafair(A, B, w, *, steps=1000, lr=0.01, lam=0.01, init="zeros", simi
     def start(X, s):
         if init == "zeros":
             return torch.zeros_like(X)
-        # aggregators._xavier's stream for an unnamed batch: seeded by (seed, the name "layer")
-        g = torch.Generator().manual_seed((s * 1_000_003 + zlib.crc32(b"layer")) % 2**63)
+        # aggregators._xavier's stream for an unnamed batch: seeded by (seed, FNV-1a of the name "layer")
+        h = 2166136261
+        for byte in b"layer":
+            h = ((h ^ byte) * 16777619) % 2**32
+        g = torch.Generator().manual_seed((s * 1_000_003 + h) % 2**63)
         noise = torch.rand(X.shape, generator=g, dtype=torch.float64) * 2 - 1
         return (noise * math.sqrt(6.0 / (X.shape[-2] + X.shape[-1]))).to(X)
     dB = start(B_bar, seed).requires_grad_(correct != "A")

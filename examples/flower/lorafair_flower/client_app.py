@@ -8,12 +8,11 @@ its loss and n_k. The Federation is built once per process and reused across rou
 """
 from __future__ import annotations
 
-import math
-
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from lorafair_flower.task import DEFAULT_ARGS, build, load_state, record, tensors
+from lora import trainable_state   # importable once task has put the repository on sys.path
 
 _BUILT: dict[str, tuple] = {}
 
@@ -50,12 +49,9 @@ def make_app(train_args: str | None = None) -> ClientApp:
         fed.clients[k].state = tensors(own, fed.device)
         fed.round = t
         fed.set_trainable_factors(phase)
-        glob = {name: p.detach().clone() for name, p in fed.model.named_parameters() if p.requires_grad}
-        upload, loss = fed.train_client(k, glob, phase)
-        return Message(RecordDict({"upload": record(upload),
-                                   "metrics": MetricRecord({"loss": loss if math.isfinite(loss) else float("nan"),
-                                                            "num-examples": fed.clients[k].n, "client": k})}),
-                       reply_to=msg)
+        upload, loss = fed.train_client(k, trainable_state(fed.model), phase)   # what the server's glob was
+        return Message(RecordDict({"upload": record(upload), "metrics": MetricRecord(
+            {"loss": float(loss), "num-examples": fed.clients[k].n, "client": k})}), reply_to=msg)
 
     return app
 

@@ -53,15 +53,12 @@ def folds(fed: Federation) -> bool:
 
 def model_state(fed: Federation) -> dict[str, torch.Tensor]:
     """What a client needs to start a round: every LoRA factor and the head (frozen factors too:
-    RoLoRA's and FFA-LoRA's), and for folding methods the adapted layers' base weights."""
+    RoLoRA's and FFA-LoRA's), and for folding methods the adapted layers' base weights (the
+    `base/` entries of fed.state_tensors)."""
     params = dict(fed.model.named_parameters())
     out = {k: params[k].detach().clone() for k in fed.a_keys + fed.b_keys + fed.head_keys}
     if folds(fed):
-        seen = set()
-        for prefix, (_, base, _) in lora_layers(fed.model).items():
-            if id(base) not in seen:                 # q and v of one qkv share a weight
-                seen.add(id(base))
-                out[f"base/{prefix}"] = base.weight.detach().clone()
+        out.update({k: v for k, v in fed.state_tensors().items() if k.startswith("base/")})
     return out
 
 
