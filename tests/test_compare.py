@@ -33,3 +33,29 @@ def test_paired_difference_and_its_t_interval():
     assert compare.paired(up, base) == "+1.00 [+0.80, +1.20] *"
     noisy = [b + d for b, d in zip(base, [0.02, -0.02, 0.01, -0.01, 0.0])]
     assert compare.paired(noisy, base).startswith("+0.00 [") and not compare.paired(noisy, base).endswith("*")
+
+
+@pytest.mark.parametrize("setting", list(compare.SETTINGS))
+def test_a_settings_steps_a_round_are_its_clients_times_their_steps(setting):
+    fed, steps = compare.SETTINGS[setting]
+    a = compare.train.get_args_parser().parse_args(fed)
+    clients = 6 * a.clients_per_domain                                  # six styles in the embedded data
+    assert max(1, round(a.participation * clients)) * a.local_steps == steps
+
+
+def test_the_centralised_reference_takes_the_settings_steps_and_is_shared_where_they_agree(monkeypatch):
+    jobs = {}
+    monkeypatch.setattr(compare, "run_all", lambda js, parallel: jobs.setdefault(key, js))
+    monkeypatch.setattr(compare, "metrics", lambda out: [{"round": 1}])
+    for name in ("write_table", "write_curves", "plot"):
+        monkeypatch.setattr(compare, name, lambda *a, **k: None)
+    for key in ("feature", "label", "partial"):
+        compare.cell(compare.get_args_parser().parse_args(["--setting", key, "--seeds", "0,1"]), [], key, "vit")
+    ref = {k: [(argv, out) for name, argv, out in js if name == "centralised"] for k, js in jobs.items()}
+    assert ref["feature"] == ref["partial"] and len(ref["feature"]) == 2      # one run per seed, used twice
+    assert all("--centralised" in argv and argv[argv.index("--local-steps") + 1] == "180" and "steps" in out
+               for argv, out in ref["feature"])
+    label = ref["label"][0][0]
+    assert label[label.index("--local-steps") + 1] == "450" and ref["label"][0][1] != ref["feature"][0][1]
+    others = [argv for name, argv, out in jobs["label"] if name != "centralised"]
+    assert others and all("--centralised" not in a and "--dirichlet" in a for a in others)
