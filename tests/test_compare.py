@@ -43,14 +43,20 @@ def test_a_settings_steps_a_round_are_its_clients_times_their_steps(setting):
     assert max(1, round(a.participation * clients)) * a.local_steps == steps
 
 
-def test_the_centralised_reference_takes_the_settings_steps_and_is_shared_where_they_agree(monkeypatch):
-    jobs = {}
+def planned(monkeypatch, cells):
+    """{key: the (name, argv, out) jobs compare.cell plans} for each (key, compare.py flags, setting), run nothing."""
+    jobs, key = {}, None
     monkeypatch.setattr(compare, "run_all", lambda js, parallel: jobs.setdefault(key, js))
     monkeypatch.setattr(compare, "metrics", lambda out: [{"round": 1}])
     for name in ("write_table", "write_curves", "plot"):
         monkeypatch.setattr(compare, name, lambda *a, **k: None)
-    for key in ("feature", "label", "partial"):
-        compare.cell(compare.get_args_parser().parse_args(["--setting", key, "--seeds", "0,1"]), [], key, "vit")
+    for key, flags, setting in cells:
+        compare.cell(compare.get_args_parser().parse_args([*flags, "--setting", setting]), [], setting, "vit")
+    return jobs
+
+
+def test_the_centralised_reference_takes_the_settings_steps_and_is_shared_where_they_agree(monkeypatch):
+    jobs = planned(monkeypatch, [(s, ["--seeds", "0,1"], s) for s in ("feature", "label", "partial")])
     ref = {k: [(argv, out) for name, argv, out in js if name == "centralised"] for k, js in jobs.items()}
     assert ref["feature"] == ref["partial"] and len(ref["feature"]) == 2      # one run per seed, used twice
     assert all("--centralised" in argv and argv[argv.index("--local-steps") + 1] == "180" and "steps" in out
@@ -59,3 +65,12 @@ def test_the_centralised_reference_takes_the_settings_steps_and_is_shared_where_
     assert label[label.index("--local-steps") + 1] == "450" and ref["label"][0][1] != ref["feature"][0][1]
     others = [argv for name, argv, out in jobs["label"] if name != "centralised"]
     assert others and all("--centralised" not in a and "--dirichlet" in a for a in others)
+
+
+def test_the_ablations_reuse_the_comparisons_fedit_and_lorafair_runs(monkeypatch):
+    jobs = planned(monkeypatch, [("methods", ["--seeds", "0"], "feature"),
+                                 ("ablations", ["--ablations", "--seeds", "0"], "feature")])
+    methods = {name: (argv, out) for name, argv, out in jobs["methods"]}
+    ablations = {name: (argv, out) for name, argv, out in jobs["ablations"]}
+    assert ablations["fedit"] == methods["fedit"] and ablations["lorafair"] == methods["lorafair"]
+    assert "--fair-correct" in ablations["correct A"][0] and "ablations" in ablations["correct A"][1]
