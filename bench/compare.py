@@ -238,7 +238,8 @@ def write_table(results, seeds, out, args, setting, backbone, base, fed, central
     ref_name = "fedit" if "fedit" in results else "lorafair"
     lines = [f"{args.dataset}, setting {setting}, backbone {backbone}: {len(seeds)} seeds ({args.seeds}), top-1 % "
              "after the last round, mean ± std over seeds; Δ: paired difference to "
-             f"{ref_name} over the same seeds, 95% t interval, * where it excludes 0", "",
+             f"{ref_name} over the same seeds, 95% t interval (each on its own, not adjusted for the number of "
+             "rows), * where it excludes 0", "",
              "| method | " + " | ".join(domains) + f" | **mean** | Δ vs {ref_name} | Δ vs lorafair | cos(dW, applied) | "
              "FedIT's cos | ceiling | MB per round |", "|---|" + "---|" * (len(domains) + 7)]
     fair = results.get("lorafair")
