@@ -39,7 +39,8 @@ The Mixer first ran at the ViT's lr 0.06 (bench/results/shapes-feature-mixer-lr0
 FedIT falls to 46%. Its lr was then chosen with FedIT alone (seed 0). At lr 0.02 / 0.03 / 0.04 /
 0.045 FedIT's round-2 cosine is 0.999 / 0.996 / 0.986 / 0.970 and its final accuracy 79.5-80.2%,
 within a point of the centralised reference, which stops near 80% because it has learnt its 900
-images (training loss 0.05; 80.1% at lr 0.02, oscillating at 0.03); that cell, at 0.045, is kept
+images (training loss 0.05; it keeps the ViT's lr 0.01: seed 0 ends at 80.4% there, 80.1% at
+0.02, and oscillates at 0.03); that cell, at 0.045, is kept
 (bench/results/shapes-feature-mixer-lr0.045/). At 0.05 FedIT's cosine is 0.91-0.94 and its
 accuracy flat at 74-76% over the rounds; at 0.055 it falls round over round (70% to 46-54%), as it
 does with 60 local steps at 0.045 (69, 49, 34, 48%). The Mixer's lr is 0.05, the largest at which
