@@ -67,11 +67,11 @@ import train  # noqa: E402
 SHAPES = ["--num-classes", "30", "--n-train", "150", "--n-test", "200", "--rounds", "5", "--local-epochs", "100",
           "--batch-size", "16", "--rank", "4", "--eval-every", "1"]
 LR = {"vit": "0.06", "mixer": "0.05"}   # client lr per backbone, each chosen with FedIT alone (module docstring)
-SETTINGS = {   # federated arguments, and the local steps of batch 16 all clients take in a round
-    "feature": (["--local-steps", "30"], 180),                                                  # 6 clients x 30
-    "label": (["--clients-per-domain", "5", "--dirichlet", "0.5", "--local-steps", "15"], 450),  # 30 x 15
-    "partial": (["--clients-per-domain", "10", "--dirichlet", "0.5", "--participation", "0.2",
-                 "--local-steps", "15"], 180),                                                  # 12 of 60 x 15
+SETTINGS = {   # federated arguments on the six styles
+    "feature": ["--local-steps", "30"],                                                    # 6 clients x 30
+    "label": ["--clients-per-domain", "5", "--dirichlet", "0.5", "--local-steps", "15"],   # 30 x 15
+    "partial": ["--clients-per-domain", "10", "--dirichlet", "0.5", "--participation", "0.2",
+                "--local-steps", "15"],                                                    # 12 of 60 x 15
 }
 CENTRALISED = ["--method", "fedit", "--centralised", "--lr", "0.01"]   # + the setting's steps a round
 LSQ = {   # LoRA-FAIR's closed-form objective (aggregators.lsq_residual): lam 0 (the projection) and the paper's lam
@@ -101,6 +101,13 @@ ABLATIONS = {   # each against LoRA-FAIR's defaults (first two rows: the runs of
 }
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086]   # Student's t, 97.5% quantile, 1..20 degrees of freedom
+
+
+def steps_a_round(fed: list[str]) -> int:
+    """Local steps all clients of a round take together under the federated arguments `fed` on the
+    embedded data's six styles: the budget the centralised reference gets."""
+    a = train.get_args_parser().parse_args(fed)
+    return max(1, round(a.participation * 6 * a.clients_per_domain)) * a.local_steps   # as fed.sample
 
 
 def get_args_parser():
@@ -210,7 +217,8 @@ def cell(args, extra: list[str], setting: str, backbone: str) -> None:
     if shapes:
         base += SHAPES + ["--lr", LR[backbone], "--model", BACKBONES[backbone]]
     base += extra + (["--ranks", args.ranks] if args.ranks else [])
-    fed, steps = SETTINGS[setting] if shapes else ([], None)
+    fed = SETTINGS[setting] if shapes else []
+    steps = steps_a_round(fed) if shapes else None
     if shapes and "centralised" in variants:
         variants["centralised"] = variants["centralised"] + ["--local-steps", str(steps)]
 
