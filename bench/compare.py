@@ -103,11 +103,12 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086]   # Student's t, 97.5% quantile, 1..20 degrees of freedom
 
 
-def steps_a_round(fed: list[str]) -> int:
-    """Local steps all clients of a round take together under the federated arguments `fed` on the
-    embedded data's six styles: the budget the centralised reference gets."""
-    a = train.get_args_parser().parse_args(fed)
-    return max(1, round(a.participation * 6 * a.clients_per_domain)) * a.local_steps   # as fed.sample
+def steps_a_round(argv: list[str]) -> int:
+    """Local steps all clients of a round take together under the train.py arguments `argv` on
+    the embedded data's six styles: the budget the centralised reference gets (which has one client)."""
+    a = train.get_args_parser().parse_args(argv)
+    clients = 1 if a.centralised else max(1, round(a.participation * 6 * a.clients_per_domain))   # as fed.sample
+    return clients * (a.local_steps or 0)
 
 
 def get_args_parser():
@@ -120,9 +121,11 @@ def get_args_parser():
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--only", default=None, help="comma-separated subset of the variants")
     p.add_argument("--ablations", action="store_true", help="run LoRA-FAIR's ablations instead of the methods")
+    p.add_argument("--closed-form", action="store_true", help="add LoRA-FAIR's closed form (LSQ) at lam 0 and 0.01")
     p.add_argument("--ranks", default=None, help="heterogeneous client ranks for every variant, e.g. 4,8,16")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
-    p.add_argument("--out", default=None, help="default bench/results/<dataset>-<setting>-<backbone>[-...]")
+    p.add_argument("--out", default=os.path.join("bench", "results"),
+                   help="folder of every cell's results: <out>/<dataset>-<setting>-<backbone>[-...]")
     return p
 
 
@@ -160,19 +163,27 @@ def plan(name: str, argv: list[str], out: str) -> list[str] | None:
 
 
 def run_all(jobs: list[tuple[str, list[str], str]], parallel: int) -> None:
-    """Run the planned train.py commands, `parallel` processes at a time, one thread each."""
-    todo = [(name, cmd) for name, argv, out in jobs if (cmd := plan(name, argv, out)) is not None]
+    """Run the planned train.py commands, `parallel` processes at a time, one thread each.
+
+    A run shared by several cells (the centralised reference) is planned by each but run once; the
+    longest runs (most local steps a round) start first, so the pool does not end on one of them."""
+    unique = {}
+    for name, argv, out in jobs:
+        if unique.setdefault(out, (name, argv))[1] != argv:
+            raise SystemExit(f"{name}: two different runs planned into {out}")
+    todo = [(name, cmd) for out, (name, argv) in unique.items() if (cmd := plan(name, argv, out)) is not None]
+    todo.sort(key=lambda job: -steps_a_round(job[1]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     def one(item):
-        name, cmd = item
-        print(f"== {name}: {' '.join(cmd)}", file=sys.stderr)
+        i, (name, cmd) = item
+        print(f"== [{i + 1}/{len(todo)}] {name}: {' '.join(cmd)}", file=sys.stderr)
         res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *cmd], env=env,
                              capture_output=True, text=True)
         if res.returncode != 0:
             raise SystemExit(f"{name} failed:\n{res.stderr[-2000:]}")
     with ThreadPoolExecutor(max(1, parallel)) as pool:
-        list(pool.map(one, todo))
+        list(pool.map(one, enumerate(todo)))
 
 
 def metrics(out: str) -> list[dict]:
@@ -194,8 +205,9 @@ def paired(xs: list[float], base: list[float]) -> str:
     return f"{m:+.2f} [{m - h:+.2f}, {m + h:+.2f}]" + (" *" if m - h > 0 or m + h < 0 else "")
 
 
-def cell(args, extra: list[str], setting: str, backbone: str) -> None:
-    """One (setting, backbone): run every variant for every seed, then write the table and plots."""
+def cell(args, extra: list[str], setting: str, backbone: str):
+    """One (setting, backbone): the train.py jobs (name, argv, out) of every variant and seed, and a
+    function that writes the table and plots once they have run."""
     seeds = [int(s) for s in args.seeds.split(",")]
     shapes = args.dataset == "shapes"
     if args.ablations:
@@ -205,14 +217,15 @@ def cell(args, extra: list[str], setting: str, backbone: str) -> None:
         if args.ranks:
             methods = list(AGGREGATORS)
         variants = {m: ["--method", m] for m in methods}
-        if not args.ranks:
+        if args.closed_form and not args.ranks:
             variants.update(LSQ)
+        if not args.ranks:
             variants["centralised"] = CENTRALISED if shapes else ["--method", "fedit", "--centralised"]
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
     tag = f"{args.dataset}-{setting}-{backbone}" if shapes else args.dataset
-    out = args.out or os.path.join("bench", "results", tag + ("-ablations" if args.ablations else "")
-                                   + (f"-ranks-{args.ranks.replace(',', '-')}" if args.ranks else ""))
+    out = os.path.join(args.out, tag + ("-ablations" if args.ablations else "")
+                       + (f"-ranks-{args.ranks.replace(',', '-')}" if args.ranks else ""))
     base = ["--dataset", args.dataset] + (["--data-root", args.data_root] if args.data_root else [])
     if shapes:
         base += SHAPES + ["--lr", LR[backbone], "--model", BACKBONES[backbone]]
@@ -226,18 +239,21 @@ def cell(args, extra: list[str], setting: str, backbone: str) -> None:
         return base + (v if "--centralised" in v else fed + v)
     folder = {name: os.path.join(out, name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", ""))
               for name in variants}
-    if shapes and not args.out and not extra:
-        if "centralised" in variants:   # depends on the backbone and the steps a round only: shared by cells
-            folder["centralised"] = os.path.join("bench", "results", f"shapes-centralised-{backbone}-{steps}steps")
+    if shapes and not extra:            # runs that other cells (or the comparison) make the same way: shared
+        if "centralised" in variants:   # depends on the backbone and the steps a round only
+            folder["centralised"] = os.path.join(args.out, f"shapes-centralised-{backbone}-{steps}steps")
         if args.ablations:              # FedIT and LoRA-FAIR as they are: the runs of the method comparison
             for name in ("fedit", "lorafair"):
-                folder[name] = os.path.join("bench", "results", f"shapes-{setting}-{backbone}", name)
-    run_all([(name, argv(v) + ["--seed", str(s)], os.path.join(folder[name], f"seed{s}"))
-             for name, v in variants.items() for s in seeds], args.jobs)
-    results = {name: [metrics(os.path.join(folder[name], f"seed{s}")) for s in seeds] for name in variants}
-    write_table(results, seeds, out, args, setting, backbone, base, fed, variants.get("centralised"))
-    write_curves(results, seeds, out)
-    plot(results, out, f"{tag}")
+                folder[name] = os.path.join(args.out, f"shapes-{setting}-{backbone}", name)
+    jobs = [(name, argv(v) + ["--seed", str(s)], os.path.join(folder[name], f"seed{s}"))
+            for name, v in variants.items() for s in seeds]
+
+    def report():
+        results = {name: [metrics(os.path.join(folder[name], f"seed{s}")) for s in seeds] for name in variants}
+        write_table(results, seeds, out, args, setting, backbone, base, fed, variants.get("centralised"))
+        write_curves(results, seeds, out)
+        plot(results, out, f"{tag}")
+    return jobs, report
 
 
 def write_table(results, seeds, out, args, setting, backbone, base, fed, centralised=None) -> None:
@@ -317,9 +333,11 @@ def plot(results, out, title) -> None:
 
 def main(argv=None):
     args, extra = get_args_parser().parse_known_args(argv)
-    cells = ALL if args.all else [(args.setting, args.backbone)]
-    for setting, backbone in cells:
-        cell(args, extra, setting, backbone)
+    cells = [cell(args, extra, setting, backbone) for setting, backbone in
+             (ALL if args.all else [(args.setting, args.backbone)])]
+    run_all([job for jobs, _ in cells for job in jobs], args.jobs)   # one pool: no cell waits for another's tail
+    for _, report in cells:
+        report()
 
 
 if __name__ == "__main__":

@@ -39,22 +39,17 @@ def test_paired_difference_and_its_t_interval():
 def test_a_settings_steps_a_round_are_its_clients_times_their_steps(setting, steps):
     # 6 clients x 30 steps; 30 x 15; 12 taking part of 60 x 15 (README's settings)
     assert compare.steps_a_round(compare.SETTINGS[setting]) == steps
+    assert compare.steps_a_round([*compare.CENTRALISED, "--local-steps", str(steps)]) == steps   # one client
 
 
-def planned(monkeypatch, cells):
-    """{key: the (name, argv, out) jobs compare.cell plans} for each (key, compare.py flags, setting), run nothing."""
-    jobs, key = {}, None
-    monkeypatch.setattr(compare, "run_all", lambda js, parallel: jobs.setdefault(key, js))
-    monkeypatch.setattr(compare, "metrics", lambda out: [{"round": 1}])
-    for name in ("write_table", "write_curves", "plot"):
-        monkeypatch.setattr(compare, name, lambda *a, **k: None)
-    for key, flags, setting in cells:
-        compare.cell(compare.get_args_parser().parse_args([*flags, "--setting", setting]), [], setting, "vit")
-    return jobs
+def planned(cells, out="bench/results"):
+    """{key: the (name, argv, out) jobs compare.cell plans} for each (key, compare.py flags, setting); runs nothing."""
+    return {key: compare.cell(compare.get_args_parser().parse_args([*flags, "--setting", setting, "--out", out]),
+                              [], setting, "vit")[0] for key, flags, setting in cells}
 
 
-def test_the_centralised_reference_takes_the_settings_steps_and_is_shared_where_they_agree(monkeypatch):
-    jobs = planned(monkeypatch, [(s, ["--seeds", "0,1"], s) for s in ("feature", "label", "partial")])
+def test_the_centralised_reference_takes_the_settings_steps_and_is_shared_where_they_agree():
+    jobs = planned([(s, ["--seeds", "0,1"], s) for s in ("feature", "label", "partial")])
     ref = {k: [(argv, out) for name, argv, out in js if name == "centralised"] for k, js in jobs.items()}
     assert ref["feature"] == ref["partial"] and len(ref["feature"]) == 2      # one run per seed, used twice
     assert all("--centralised" in argv and argv[argv.index("--local-steps") + 1] == "180" and "steps" in out
@@ -65,10 +60,42 @@ def test_the_centralised_reference_takes_the_settings_steps_and_is_shared_where_
     assert others and all("--centralised" not in a and "--dirichlet" in a for a in others)
 
 
-def test_the_ablations_reuse_the_comparisons_fedit_and_lorafair_runs(monkeypatch):
-    jobs = planned(monkeypatch, [("methods", ["--seeds", "0"], "feature"),
-                                 ("ablations", ["--ablations", "--seeds", "0"], "feature")])
+def test_the_ablations_reuse_the_comparisons_fedit_and_lorafair_runs():
+    jobs = planned([("methods", ["--seeds", "0"], "feature"), ("ablations", ["--ablations", "--seeds", "0"], "feature")])
     methods = {name: (argv, out) for name, argv, out in jobs["methods"]}
     ablations = {name: (argv, out) for name, argv, out in jobs["ablations"]}
     assert ablations["fedit"] == methods["fedit"] and ablations["lorafair"] == methods["lorafair"]
     assert "--fair-correct" in ablations["correct A"][0] and "ablations" in ablations["correct A"][1]
+
+
+def test_all_runs_every_cell_in_one_pool_each_shared_run_once_longest_first(tmp_path, monkeypatch):
+    ran, reported = [], []
+    monkeypatch.setattr(compare, "plan", lambda name, argv, out: [*argv, "--out", out])   # nothing there yet
+    monkeypatch.setattr(compare, "run_all", lambda jobs, parallel: ran.append(jobs))
+    monkeypatch.setattr(compare, "metrics", lambda out: reported.append(out) or [{"round": 1}])
+    for name in ("write_table", "write_curves", "plot"):
+        monkeypatch.setattr(compare, name, lambda *a, **k: None)
+    compare.main(["--all", "--seeds", "0,1", "--out", str(tmp_path)])
+    jobs, = ran                                                       # one pool for the four cells
+    methods = sum(len(compare.PAPER[c]) for c in compare.ALL)
+    centralised = {out for name, argv, out in jobs if name == "centralised"}
+    assert len(centralised) == 3 * 2                                  # ViT 180 and 450 steps, Mixer 180: 2 seeds each
+    assert len(jobs) == 2 * (methods + 4)                             # feature and partial plan the same reference
+    assert all(out.startswith(str(tmp_path)) for _, _, out in jobs)
+    assert not any(name.startswith("lorafair lsq") for name, _, _ in jobs)   # the closed form only when asked
+    assert set(reported) == {out for _, _, out in jobs}               # every table reads what was planned
+    ran.clear()
+    compare.main(["--seeds", "0", "--closed-form", "--out", str(tmp_path)])
+    assert {name for name, _, _ in ran[0]} >= set(compare.LSQ)
+
+    order = []                                                        # run_all itself: each out once, longest first
+    monkeypatch.undo()
+    monkeypatch.setattr(compare, "plan", lambda name, argv, out: [*argv, "--out", out])
+    monkeypatch.setattr(compare.subprocess, "run", lambda cmd, **k: order.append(cmd) or
+                        type("Done", (), {"returncode": 0})())
+    compare.run_all(jobs, 1)
+    assert len(order) == len({out for _, _, out in jobs})
+    steps = [compare.steps_a_round(cmd[2:cmd.index("--out")]) for cmd in order]
+    assert steps == sorted(steps, reverse=True) and steps[0] == 450
+    with pytest.raises(SystemExit, match="two different runs planned into"):
+        compare.run_all([("a", ["--lr", "0.1"], "x"), ("b", ["--lr", "0.2"], "x")], 1)
