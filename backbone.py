@@ -85,7 +85,7 @@ def pretrained_shapes_backbone(epochs: int = 12, per_domain: int = 2000, progres
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     os.makedirs(cache, exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"    # two processes pretraining at once never write one file
     save_file(state, tmp)
     os.replace(tmp, path)
     return path

@@ -1,6 +1,7 @@
 """The method comparison (the paper's Table 1 and its other settings), by one command each.
 
-    python bench/compare.py --all                        # the four cells below, 5 seeds (see README for the time)
+    python bench/compare.py --all                        # the four cells below, 5 seeds, 120 runs (see README)
+    python bench/compare.py --all --closed-form          # and LoRA-FAIR's closed form in each (+40 runs)
     python bench/compare.py --setting feature            # Table 1: one client per style, ViT
     python bench/compare.py --setting feature --backbone mixer
     python bench/compare.py --setting label              # 30 clients, 5 per style, Dirichlet(0.5) labels
@@ -10,12 +11,14 @@
     python bench/compare.py --dataset domainnet --data-root /data/domainnet --rounds 30 --local-epochs 1
 
 Every variant runs train.py with the same settings, once per seed, `--jobs` at a time (separate
-processes of one thread each). A run already in --out is reused when finished and resumed when
-not, but only if its config.json records the same settings (otherwise this stops and says what
-differs). Writes to --out: table.md (per-domain top-1, mean +- std over seeds, and each method's
-paired difference to FedIT over the same seeds with a 95% t interval), curves.csv (per round:
-accuracy, cos(dW, dW_applied), FedIT's cosine and the ceiling of any refined B), curves.png
-(accuracy per round) and bias.png (the cosines per round against the ceiling).
+processes of one thread each; with --all the cells share one pool, longest runs first). Each cell
+has its folder under --out (default bench/results). A run already there is reused when finished
+and resumed when not, but only if its config.json records the same settings (otherwise this stops
+and says what differs). Writes to each cell's folder: table.md (per-domain top-1, mean +- std
+over seeds, and each method's paired difference to FedIT over the same seeds with a 95% t
+interval), curves.csv (per round: accuracy, cos(dW, dW_applied), FedIT's cosine and the ceiling of
+any refined B), curves.png (accuracy per round) and bias.png (the cosines per round against the
+ceiling).
 
 The embedded task (`SHAPES`) was chosen once, with FedIT alone, before any other method was run:
 30 classes (the generator's 0..9 and 40..59, none of them the backbones' pretraining classes),
@@ -62,6 +65,7 @@ from concurrent.futures import ThreadPoolExecutor
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from aggregators import AGGREGATORS  # noqa: E402
+from backbone import SHAPES_MODELS, pretrained_shapes_backbone  # noqa: E402
 import train  # noqa: E402
 
 SHAPES = ["--num-classes", "30", "--n-train", "150", "--n-test", "200", "--rounds", "5", "--local-epochs", "100",
@@ -166,18 +170,22 @@ def run_all(jobs: list[tuple[str, list[str], str]], parallel: int) -> None:
     """Run the planned train.py commands, `parallel` processes at a time, one thread each.
 
     A run shared by several cells (the centralised reference) is planned by each but run once; the
-    longest runs (most local steps a round) start first, so the pool does not end on one of them."""
+    longest runs (most local steps a round) start first, so the pool does not end on one of them.
+    A shapes backbone the runs need is pretrained here first (once, cached), not by two runs at once."""
     unique = {}
     for name, argv, out in jobs:
         if unique.setdefault(out, (name, argv))[1] != argv:
             raise SystemExit(f"{name}: two different runs planned into {out}")
     todo = [(name, cmd) for out, (name, argv) in unique.items() if (cmd := plan(name, argv, out)) is not None]
     todo.sort(key=lambda job: -steps_a_round(job[1]))
+    for model in sorted({a.model for _, cmd in todo if (a := train.get_args_parser().parse_args(cmd)).pretrained
+                         and not a.checkpoint and a.model in SHAPES_MODELS}):
+        pretrained_shapes_backbone(model=model)   # once, here, rather than in two runs at once (then cached)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
     def one(item):
         i, (name, cmd) = item
-        print(f"== [{i + 1}/{len(todo)}] {name}: {' '.join(cmd)}", file=sys.stderr)
+        sys.stderr.write(f"== [{i + 1}/{len(todo)}] {name}: {' '.join(cmd)}\n")   # one write: no interleaving
         res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *cmd], env=env,
                              capture_output=True, text=True)
         if res.returncode != 0:

@@ -93,7 +93,10 @@ def test_all_runs_every_cell_in_one_pool_each_shared_run_once_longest_first(tmp_
     monkeypatch.setattr(compare, "plan", lambda name, argv, out: [*argv, "--out", out])
     monkeypatch.setattr(compare.subprocess, "run", lambda cmd, **k: order.append(cmd) or
                         type("Done", (), {"returncode": 0})())
+    pretrained = []                                                   # each backbone once, before any run
+    monkeypatch.setattr(compare, "pretrained_shapes_backbone", lambda model: pretrained.append((model, len(order))))
     compare.run_all(jobs, 1)
+    assert sorted(pretrained) == [("mixer_shapes", 0), ("vit_shapes", 0)]
     assert len(order) == len({out for _, _, out in jobs})
     steps = [compare.steps_a_round(cmd[2:cmd.index("--out")]) for cmd in order]
     assert steps == sorted(steps, reverse=True) and steps[0] == 450
