@@ -52,16 +52,26 @@ def pretrained_shapes_backbone(epochs: int = 12, per_domain: int = 2000, progres
                                cache: str = CACHE, model: str = "vit_shapes") -> str:
     """Train an embedded backbone (SHAPES_MODELS) on classes 10..39 of the shapes generator
     (disjoint from every task's, data.shapes_task_classes), once, and cache it outside the repo.
-    Both backbones get the same data, schedule and seed. Returns the cached file."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-    from data import PRETRAIN_CLASSES
+    Both backbones get the same data, schedule and seed, on 2 threads whatever the caller's
+    setting (the weights depend on the thread count). Returns the cached file."""
     family = model.split("_")[0]
     tag = hashlib.sha1(f"shapes-{family}-v1-{epochs}-{per_domain}".encode()).hexdigest()[:10]
     path = os.path.join(cache, f"shapes_{family}_{tag}.safetensors")
     if os.path.isfile(path):
         return path
     print(f"pretraining the embedded {model} backbone once (cached in {path}) ...", file=sys.stderr)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)             # the weights depend on how sums are split over threads: fixed
+    try:
+        return _pretrain(path, model, epochs, per_domain, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain(path: str, model: str, epochs: int, per_domain: int, progress: bool) -> str:
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+    from data import PRETRAIN_CLASSES
     torch.manual_seed(0)
     xs, ys = zip(*(shapes_split(d, per_domain, range(*PRETRAIN_CLASSES), seed=5000 + d) for d in range(6)))
     x, y = (torch.cat(xs) - 0.5) / 0.5, torch.cat(ys)
@@ -83,7 +93,7 @@ def pretrained_shapes_backbone(epochs: int = 12, per_domain: int = 2000, progres
                 sched.step()
                 bar.update()
                 bar.set_postfix(loss=f"{loss.item():.3f}")
-    os.makedirs(cache, exist_ok=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("head.")}
     tmp = f"{path}.{os.getpid()}.tmp"    # two processes pretraining at once never write one file
     save_file(state, tmp)

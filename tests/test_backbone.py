@@ -23,6 +23,23 @@ def test_backbone_pretraining_is_cached_and_loadable(tmp_path):
     assert set(missing) == {"head.weight", "head.bias"}
 
 
+def test_backbone_pretraining_gives_the_same_weights_whatever_the_thread_count(tmp_path):
+    # float sums split over threads differ in their last bits, and a pretrained backbone that differs
+    # changes every result built on it: pretraining runs on 2 threads whatever the caller has set
+    threads = torch.get_num_threads()
+    files = []
+    try:
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            files.append(pretrained_shapes_backbone(epochs=1, per_domain=130, progress=False,
+                                                    cache=str(tmp_path / f"threads{n}")))
+            assert torch.get_num_threads() == n                      # the caller's setting is given back
+    finally:
+        torch.set_num_threads(threads)
+    one, three = (load_file(f) for f in files)
+    assert one.keys() == three.keys() and all(torch.equal(one[k], three[k]) for k in one)
+
+
 def args_for(*extra):
     from train import get_args_parser, resolve
     return resolve(get_args_parser().parse_args([*TINY, "--rounds", "1", *extra]))
