@@ -218,6 +218,7 @@ def cell(args, extra: list[str], setting: str, backbone: str):
     function that writes the table and plots once they have run."""
     seeds = [int(s) for s in args.seeds.split(",")]
     shapes = args.dataset == "shapes"
+    only = args.only.split(",") if args.only else []
     if args.ablations:
         variants = dict(ABLATIONS)
     else:
@@ -225,12 +226,16 @@ def cell(args, extra: list[str], setting: str, backbone: str):
         if args.ranks:
             methods = list(AGGREGATORS)
         variants = {m: ["--method", m] for m in methods}
-        if args.closed_form and not args.ranks:
+        if (args.closed_form or set(only) & set(LSQ)) and not args.ranks:   # asked for, or named in --only
             variants.update(LSQ)
         if not args.ranks:
             variants["centralised"] = CENTRALISED if shapes else ["--method", "fedit", "--centralised"]
-    if args.only:
-        variants = {k: v for k, v in variants.items() if k in args.only.split(",")}
+    if only:
+        if unknown := [k for k in only if k not in variants]:
+            known = [*variants, *(k for k in LSQ if k not in variants and not args.ranks and not args.ablations)]
+            raise SystemExit(f"--only: no variant {', '.join(map(repr, unknown))} here; the variants are "
+                             f"{', '.join(known)}")
+        variants = {k: v for k, v in variants.items() if k in only}
     tag = f"{args.dataset}-{setting}-{backbone}" if shapes else args.dataset
     out = os.path.join(args.out, tag + ("-ablations" if args.ablations else "")
                        + (f"-ranks-{args.ranks.replace(',', '-')}" if args.ranks else ""))

@@ -102,3 +102,10 @@ def test_all_runs_every_cell_in_one_pool_each_shared_run_once_longest_first(tmp_
     assert steps == sorted(steps, reverse=True) and steps[0] == 450
     with pytest.raises(SystemExit, match="two different runs planned into"):
         compare.run_all([("a", ["--lr", "0.1"], "x"), ("b", ["--lr", "0.2"], "x")], 1)
+
+
+def test_only_picks_variants_by_name_and_refuses_unknown_ones():
+    jobs = planned([("fair", ["--seeds", "0", "--only", "fedit,lorafair lsq lam 0"], "feature")])["fair"]
+    assert [name for name, _, _ in jobs] == ["fedit", "lorafair lsq lam 0"]          # naming it implies --closed-form
+    with pytest.raises(SystemExit, match=r"no variant 'fedti' here; the variants are fedit, ffa"):
+        planned([("typo", ["--seeds", "0", "--only", "fedti"], "feature")])
