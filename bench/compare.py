@@ -348,7 +348,10 @@ def main(argv=None):
     args, extra = get_args_parser().parse_known_args(argv)
     cells = [cell(args, extra, setting, backbone) for setting, backbone in
              (ALL if args.all else [(args.setting, args.backbone)])]
-    run_all([job for jobs, _ in cells for job in jobs], args.jobs)   # one pool: no cell waits for another's tail
+    try:
+        run_all([job for jobs, _ in cells for job in jobs], args.jobs)   # one pool: no cell waits for another's tail
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: finished runs are kept; the same command resumes the others") from None
     for _, report in cells:
         report()
 
