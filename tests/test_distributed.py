@@ -24,10 +24,16 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_for_every_method(tmp_path):
+def torchrun(tmp_path, *worker_args, timeout=600):
+    """2 processes of tests/dist_worker.py; torchrun's log folder goes under tmp_path, not /tmp."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", WORKER, str(tmp_path / "two"), "all-methods"]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+           f"--master_port={free_port()}", WORKER, *worker_args]
+    env = {**ENV, "TMPDIR": str(tmp_path)}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_processes_equal_one_for_every_method(tmp_path):
+    res = torchrun(tmp_path, str(tmp_path / "two"), "all-methods")
     assert res.returncode == 0, res.stderr[-3000:]
     torch.set_num_threads(1)
     for m in AGGREGATORS:
@@ -41,9 +47,7 @@ def test_two_processes_equal_one_for_every_method(tmp_path):
 
 
 def test_distributed_resume_equals_unbroken_single_process_run(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", WORKER, str(tmp_path / "two"), "resume"]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    res = torchrun(tmp_path, str(tmp_path / "two"), "resume")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming" in res.stderr and res.stderr.count("lorafair on shapes") == 2   # rank 0 logs, once a run
     torch.set_num_threads(1)
@@ -55,9 +59,7 @@ def test_distributed_resume_equals_unbroken_single_process_run(tmp_path):
 
 def test_unreadable_images_are_counted_across_processes(tmp_path):
     root = broken_domainnet(str(tmp_path / "dn"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", WORKER, str(tmp_path / "two"), "images", root]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    res = torchrun(tmp_path, str(tmp_path / "two"), "images", root)
     assert res.returncode == 0, res.stderr[-3000:]
     torch.set_num_threads(1)
     assert main([*IMAGES(root), "--out", str(tmp_path / "one")]) == 0
@@ -107,12 +109,6 @@ def test_exchange_is_exact_for_any_dtype_and_stored_state_owns_its_memory(tmp_pa
                 assert got[key].untyped_storage().nbytes() == got[key].numel() * got[key].element_size()
     finally:
         dist.destroy_process_group()
-
-
-def torchrun(tmp_path, *worker_args, timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", WORKER, *worker_args]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def test_a_slow_evaluation_does_not_kill_the_job(tmp_path):
