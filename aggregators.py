@@ -611,29 +611,30 @@ def rbla(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer") -> Upda
 
 
 def florist(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", tau: float = 0.9) -> Update:
-    """FLoRIST (arXiv 2506.09199): a truncated SVD of dW = sum_k p_k B_k A_k that keeps the fewest
-    components m whose share of the energy sum_j sigma_j^2 reaches tau:
+    """FLoRIST (arXiv 2506.09199): the SVD of dW = sum_k p_k B_k A_k truncated to the fewest
+    components m whose share of the energy sum_j sigma_j^2 reaches tau,
 
-        m = min{m : sum_{j<m} sigma_j^2 >= tau sum_j sigma_j^2},  B = U_m S_m,  A = V_m^T
+        m = min{m : sum_{j<m} sigma_j^2 >= tau sum_j sigma_j^2},   delta_w = U_m S_m V_m^T,
 
-    computed through the small core like flexlora, and zero-padded to the factors' width R. m is
-    capped at R so that every client can take its truncation (the authors' code does not cap it).
+    folded into the frozen weight (delta_w); every client restarts next round from a fresh LoRA, as
+    in FLoRA, whose code FLoRIST's builds on (Anonymous-user-00/FLoRIST@ec3e9bc model_aggregation.py
+    l. 63-89: the threshold on the singular values of the product, no cap on m; main.py l. 482-483:
+    merged into the base weights). A and B are None. The SVD is taken through the small core, as in
+    flexlora; m may exceed every client's rank (at most sum_k r_k). tau = 1 folds dW exactly.
     """
     A, B, w, dtype = _check(A, B, w, layer)
     _padding(A, B, ranks, layer)
     if not 0 < tau <= 1:
         raise ValueError(f"{_name(layer, -1)}: florist tau must be in (0, 1], got {tau!r}")
-    R = A.shape[-2]
     U, V = stacked_factors(A, B, w)                 # U: (..., d_out, K R)  V: (..., K R, d_in)
     Qu, Ru = torch.linalg.qr(U)
     Qv, Rv = torch.linalg.qr(V.mT)
     P, S, Qh = torch.linalg.svd(Ru @ Rv.mT, full_matrices=False)               # S: (..., n), descending
     energy = S.square().cumsum(-1) / S.square().sum(-1, keepdim=True).clamp_min(torch.finfo(S.dtype).tiny)
-    m = ((energy < tau * (1 - 4 * torch.finfo(S.dtype).eps)).sum(-1) + 1).clamp(max=R)   # (...,)
-    keep = (torch.arange(R, device=S.device) < m[..., None]).to(S.dtype)        # (..., R)
-    B_new = (Qu @ P[..., :R]) * (S[..., :R] * keep)[..., None, :]               # (..., d_out, R)
-    A_new = (Qh[..., :R, :] @ Qv.mT) * keep[..., :, None]                       # (..., R, d_in)
-    return _cast(Update(A_new, B_new, None), dtype)
+    m = (energy < tau * (1 - 4 * torch.finfo(S.dtype).eps)).sum(-1) + 1        # (...,)
+    keep = (torch.arange(S.shape[-1], device=S.device) < m[..., None]).to(S.dtype)   # (..., n)
+    delta_w = ((Qu @ P) * (S * keep)[..., None, :]) @ (Qh @ Qv.mT)              # (..., d_out, d_in)
+    return _cast(Update(None, None, delta_w), dtype)
 
 
 AGGREGATORS: dict[str, Callable[..., Update]] = {

@@ -38,6 +38,12 @@ from states import aggregate_states
 from data import DataError, DomainData
 from lora import fold_into_base, load_lora_state, lora_layers, reset_lora, trainable_state
 
+FOLDS = ("flora", "fedex", "florist")         # fold an update into W0 every round
+RESTARTS = ("flora", "florist")               # clients start every round from a fresh LoRA (A random, B = 0)
+# methods that keep the global adapter slot by slot (row i of A, column i of B): a slot that no
+# participant of the round holds keeps its previous global value (`carry_unheld`)
+PER_SLOT = ("fedit", "ffa", "fedex", "fedsa", "rolora", "lorafair", "hetlora", "rbla")
+
 
 @dataclass
 class FedConfig:
@@ -108,6 +114,10 @@ class Federation:
         for c in clients:
             if c.rank is not None and not 1 <= c.rank <= self.R:
                 raise ValueError(f"client rank {c.rank} must be in 1..{self.R} (the model's LoRA rank)")
+        # FedSA-LoRA: a client's own B (and head, local_head) as initialised, which a client drawn
+        # for the first time starts from (each client owns a model in the authors' per-client mode)
+        own = self.b_keys + (self.head_keys if cfg.local_head else [])
+        self.own_init = {k: v for k, v in trainable_state(model).items() if k in own} if cfg.method == "fedsa" else {}
         self.unreadable_train = {d.name: set() for d in domains}   # indices into each domain's train split
         self.unreadable_test = {d.name: 0 for d in domains}         # found by the last evaluation
 
@@ -147,6 +157,8 @@ class Federation:
                 params[k].mul_(self.scale / (client.scale or self.scale))
         if client.state:
             load_lora_state(self.model, client.state)
+        elif self.own_init:                     # FedSA, first time drawn: its own initial B, not B_bar
+            load_lora_state(self.model, self.own_init)
         self.set_scaling(client.scale or self.scale)
 
     @torch.no_grad()
@@ -281,7 +293,7 @@ class Federation:
         cfg, t = self.cfg, self.round
         phase = ("B" if t % 2 == 0 else "A") if cfg.method == "rolora" else None   # B first: A's grad is 0 at B = 0
         self.set_trainable_factors(phase)
-        if cfg.client_init == "fresh" and t > 0 and cfg.method != "flora":  # flora restarts LoRA already
+        if cfg.client_init == "fresh" and t > 0 and cfg.method not in RESTARTS:   # these restart already
             fold_into_base(self.model, self.from_lead(self.adapter_products()))
             reset_lora(self.model, _seed(cfg.seed, t, 4))
         return self.sample(t), phase, trainable_state(self.model)
@@ -337,11 +349,12 @@ class Federation:
         if cfg.method == "fedsa":   # the global B (for global evaluation) is B_bar; clients keep their own
             for key in self.b_keys:
                 new[key] = weighted_mean(torch.stack([u[key] for u in uploads]), w.to(uploads[0][key]))
+        new = self.carry_unheld(new, glob, max(self.clients[k].rank or self.R for k in kept), phase)
         new = self.from_lead({key: new[key] for key in glob})    # rank 0's result everywhere, folds too,
         load_lora_state(self.model, new)                         # so last-bit differences never accumulate
         if agg.delta_w:
             fold_into_base(self.model, self.from_lead(agg.delta_w))
-        if cfg.method == "flora":   # fresh LoRA for next round, the same on every client
+        if cfg.method in RESTARTS:   # fresh LoRA for next round, the same on every client
             reset_lora(self.model, _seed(cfg.seed, t + 1, 4))
         t_agg = time.perf_counter() - tic
         self.round += 1
@@ -356,6 +369,41 @@ class Federation:
                 "layers": {p: {"cos": agg.cos[p], "cos_fedit": agg.cos_fedit[p], "ceiling": agg.ceiling[p]}
                            for p in agg.cos},
                 "seconds": {"train": t_train, "aggregate": t_agg}}
+
+    @property
+    def folds(self) -> bool:
+        """Whether this run changes the backbone's weights (FLoRA, FedEx-LoRA, FLoRIST, client_init='fresh')."""
+        return self.cfg.method in FOLDS or self.cfg.client_init == "fresh"
+
+    def frozen(self, phase: Optional[str]) -> list[str]:
+        """The factor the round's clients do not train: FFA-LoRA's A, RoLoRA's other factor."""
+        if self.cfg.method == "ffa":
+            return self.a_keys
+        if self.cfg.method == "rolora":
+            return self.b_keys if phase == "A" else self.a_keys
+        return []
+
+    def carry_unheld(self, new: dict[str, Tensor], glob: dict[str, Tensor], held: int,
+                     phase: Optional[str]) -> dict[str, Tensor]:
+        """What no client trained this round keeps its global value, so that no rank slot is lost:
+
+        - a frozen factor (`frozen`) is the global one, never a participant's copy, which is zero
+          past that client's rank;
+        - for the methods that keep the adapter slot by slot (PER_SLOT), slots held >= `held`, the
+          largest rank among the round's participants, keep their previous global rows of A and
+          columns of B. The aggregators see those slots as zero padding in every client and would
+          return zeros there; a slot zero in both A and B has zero gradients and never trains again.
+        The methods that re-factorise dW (FlexLoRA) or restart LoRA (FLoRA, FLoRIST) are left alone.
+        """
+        out = dict(new)
+        for key in self.frozen(phase):
+            out[key] = glob[key]
+        if held < self.R and self.cfg.method in PER_SLOT:
+            for key in self.a_keys:                                       # A: (R, d_in)
+                out[key] = torch.cat([out[key][:held], glob[key][held:]])
+            for key in self.b_keys:                                       # B: (d_out, R)
+                out[key] = torch.cat([out[key][:, :held], glob[key][:, held:]], dim=1)
+        return out
 
     def from_lead(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """torch.distributed: rank 0's values of `tensors` on every process (one broadcast per dtype),
@@ -377,7 +425,8 @@ class Federation:
         upload, and 'down', what each must receive to start the next round. A client uploads and
         receives only what its method exchanges: FFA-LoRA's B (A is frozen and known), FedSA-LoRA's
         A (B stays), RoLoRA's factor of the round; the head unless it is kept local. FedEx-LoRA's
-        clients also receive the dense residual they fold into W0, FLoRA's the K stacked adapters.
+        clients also receive the dense residual they fold into W0, FLoRA's the K stacked adapters,
+        FLoRIST's the rank-m factors of the update they fold.
         A client of rank r_k moves r_k of the R rows of A and columns of B."""
         method = self.cfg.method
         factor_keys = set(self.a_keys + self.b_keys)
@@ -393,6 +442,10 @@ class Federation:
             down += len(ranks) * sum(d.numel() * d.element_size() for d in delta_w.values())
         if method == "flora":
             down = len(ranks) * (sum(size(self.a_keys + self.b_keys, r) for r in ranks) + size(head))
+        if method == "florist":   # the truncated factors U_m S_m, V_m^T of each layer, m = rank(delta_w)
+            per = sum(int(torch.linalg.matrix_rank(d.float())) * sum(d.shape) * upload[self.b_keys[0]].element_size()
+                      for d in delta_w.values())
+            down = len(ranks) * (per + size(head))
         return {"up": int(up), "down": int(down)}
 
     def exchange(self, results: list, m: int, like: dict[str, Tensor]) -> list:
@@ -499,7 +552,7 @@ class Federation:
         """Everything a resumed run needs: global trainables, base weights changed by folding,
         and each client's own adapters."""
         out = {f"global/{k}": v for k, v in trainable_state(self.model).items()}
-        if self.cfg.method in ("flora", "fedex") or self.cfg.client_init == "fresh":
+        if self.folds:
             seen = set()
             for prefix, (_, base, _) in lora_layers(self.model).items():
                 if id(base) not in seen:                       # q and v share one qkv weight

@@ -199,6 +199,8 @@ OPTION_FLAGS = {   # method -> {aggregator option: train.py argument}
 REFUSED_INIT = {
     ("flora", "local"): "flora folds each round's dW into W0, so a client that continued from its own adapter "
                         "would count its update twice",
+    ("florist", "local"): "florist folds each round's truncated dW into W0, so a client that continued from its "
+                          "own adapter would count its update twice",
     ("fedex", "local"): "fedex folds dW - B_bar A_bar into W0 for clients that restart from (A_bar, B_bar); a "
                         "client that continued from its own adapter would count its update twice",
     ("rolora", "local"): "rolora trains one factor a round against a factor shared by every client; clients' own "
@@ -514,7 +516,7 @@ def export(args, fed: Federation) -> None:
     save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(folder, "adapter_model.safetensors"))
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=1)
-    folded = args.method in ("flora", "fedex") or args.client_init == "fresh"
+    folded = fed.folds
     note = os.path.join(folder, "NOTE.txt")
     if folded:   # the backbone itself was changed: the adapter alone does not hold the trained model
         with open(note, "w") as f:

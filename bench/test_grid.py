@@ -75,9 +75,12 @@ def cost(method, do, di, K, r):
         return 2 * inputs + 2 * K * r * r * (do + di), 4 * (inputs + r * (do + di))
     if method in ("flora", "fedex"):
         return 2 * do * (Kr + (r if method == "fedex" else 0)) * di, 4 * (inputs + do * di)
-    if method in ("flexlora", "florist"):
+    if method == "flexlora":
         m = min(Kr, do, di)
         return 4 * (do + di) * Kr * m + 22 * m ** 3 + 2 * (do + di) * m * r, 4 * (inputs + 2 * (do + di) * m)
+    if method == "florist":    # flexlora's core SVD, then the dense truncated product it folds
+        m = min(Kr, do, di)
+        return 4 * (do + di) * Kr * m + 22 * m ** 3 + 2 * do * di * m, 4 * (inputs + 2 * (do + di) * m + do * di)
     if method == "lorafair":   # setup + FAIR_STEPS x (forward + backward ~ 3 x forward)
         if Kr * (do + di) > do * di:       # the solver forms dW densely (see aggregators.lorafair)
             setup = 2 * do * Kr * di + 2 * do * di * r
@@ -150,7 +153,7 @@ def test_server_step(benchmark, machine, method, geometry, K, r):
 
     def gb(dense):       # inputs plus `dense` d_out x d_in matrices per layer, float32
         return sum(4 * K * r * (do + di) + 4 * dense * do * di for do, di in GEOMETRIES[geometry]) / 2 ** 30
-    dense_fast = 1 if method in ("flora", "fedex") or (method == "lorafair" and K * r > 2048) else 0
+    dense_fast = 1 if method in ("flora", "fedex", "florist") or (method == "lorafair" and K * r > 2048) else 0
     dense_ref = 3 if method in ("flora", "fedex", "flexlora", "lorafair") else 0
     if gb(dense_fast) > MEM_GB:
         pytest.skip(f"inputs and output {gb(dense_fast):.1f} GB > BENCH_MEM_GB={MEM_GB}")

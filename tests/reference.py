@@ -87,9 +87,8 @@ def dense_rbla(A, B, w, ranks):
 
 def dense_florist(A, B, w, tau):
     """The dense SVD of dW truncated to the fewest components holding a share tau of sum sigma^2
-    (at most R): the product B A it leads to, and m."""
-    R = A.shape[-2]
+    (no cap): the update it folds into W0, and m."""
     U, S, Vh = torch.linalg.svd(dense_dW(A, B, w), full_matrices=False)
     share = (S ** 2).cumsum(-1) / (S ** 2).sum(-1, keepdim=True)
-    m = min(int((share < tau - 1e-12).sum()) + 1, R)
+    m = int((share < tau - 1e-12).sum()) + 1
     return (U[..., :m] * S[..., None, :m]) @ Vh[..., :m, :], m

@@ -81,25 +81,44 @@ def test_permutation_invariance(method):
     torch.testing.assert_close(product(u, A, B, w), product(v, A[perm], B[perm], w[perm]), rtol=1e-9, atol=1e-9)
 
 
+# For one client (or identical ones), at every method's defaults: which leave the adapter as it is
+KEEPS_FACTORS = ("fedit", "ffa", "fedex", "fedsa", "rolora", "lorafair", "hetlora", "rbla")   # bit for bit up to 1e-12
+KEEPS_PRODUCT = ("flora", "flexlora")   # B A + delta_w kept; FLoRA restarts the factors, FlexLoRA replaces them
+
+
+def test_the_identity_lists_cover_the_registry():
+    assert set(KEEPS_FACTORS) | set(KEEPS_PRODUCT) | {"florist"} == set(AGGREGATORS)
+
+
+@pytest.mark.parametrize("identical", [1, 4])
 @pytest.mark.parametrize("method", list(AGGREGATORS))
-def test_one_client_is_identity(method):
-    A, B, w = clients(K=1, method=method)
-    u = run(method, A, B, torch.ones(1, dtype=torch.float64))
-    torch.testing.assert_close(product(u, A, B, w), B[0] @ A[0], rtol=1e-10, atol=1e-10)
-    if method in ("fedit", "fedex", "lorafair", "ffa", "rolora"):
+def test_one_client_at_the_defaults(method, identical):
+    """One client, or `identical` copies of it at unequal weights, through each method at its
+    defaults (rolora needs a phase): which methods are the identity, and how the others are not."""
+    A, B, _ = clients(K=1, r=6, method=method)
+    A, B = A.expand(identical, -1, -1).clone(), B.expand(identical, -1, -1).clone()
+    w = torch.arange(1, identical + 1, dtype=torch.float64)
+    w = w / w.sum()
+    u = AGGREGATORS[method](A, B, w, **({"phase": "B"} if method == "rolora" else {}))
+    mine = B[0] @ A[0]
+    if method in KEEPS_FACTORS:
         torch.testing.assert_close(u.A, A[0], rtol=0, atol=1e-12)
-        torch.testing.assert_close(u.B, B[0], rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("method", list(AGGREGATORS))
-def test_identical_clients_leave_the_model_unchanged(method):
-    A, B, w = clients(K=1, method=method)
-    A, B = A.expand(4, -1, -1).clone(), B.expand(4, -1, -1).clone()
-    w = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
-    u = run(method, A, B, w)
-    torch.testing.assert_close(product(u, A, B, w), B[0] @ A[0], rtol=1e-10, atol=1e-10)
-    if u.delta_w is not None and method != "flora":
-        assert u.delta_w.abs().max() < 1e-12
+        if method != "fedsa":                                   # fedsa: the client keeps its own B
+            torch.testing.assert_close(u.B, B[0], rtol=0, atol=1e-12)
+        assert u.delta_w is None or u.delta_w.abs().max() < 1e-12
+    elif method in KEEPS_PRODUCT:
+        torch.testing.assert_close(product(u, A, B, w), mine, rtol=1e-10, atol=1e-10)
+        if method == "flora":
+            assert u.A is None and u.B is None                  # a fresh LoRA next round
+        else:                                                   # the SVD's factors, not the client's
+            assert (u.A - A[0]).norm() > 0.5 * A[0].norm() and (u.B - B[0]).norm() > 0.5 * B[0].norm()
+    else:                                                       # florist at tau 0.9 drops energy
+        want, m = dense_florist(A, B, w, 0.9)
+        assert m < 6
+        torch.testing.assert_close(u.delta_w, want, rtol=1e-9, atol=1e-9)
+        S = torch.linalg.svdvals(mine)
+        rel = S[m:].square().sum().sqrt() / S.square().sum().sqrt()   # what it drops, in ||.||_F
+        assert (u.delta_w - mine).norm() / mine.norm() == pytest.approx(rel.item(), rel=1e-9) and rel > 0.05
 
 
 def test_weights_are_normalised_sums():
@@ -496,15 +515,18 @@ def test_rbla_against_the_dense_reference_and_fedit_at_equal_ranks():
 
 
 @pytest.mark.parametrize("tau", [0.5, 0.9, 0.99, 1.0])
-def test_florist_keeps_the_energy_share_tau_at_most_R(tau):
+def test_florist_folds_the_energy_share_tau(tau):
     A, B, w = hetero_clients(R=4, d_out=12, d_in=10)
     u = florist(A, B, w, ranks=RANKS, tau=tau)
     want, m = dense_florist(A, B, w, tau)
-    torch.testing.assert_close(u.B @ u.A, want, rtol=1e-9, atol=1e-9)
-    kept = int((u.A.norm(dim=-1) > 1e-9).sum())
-    assert kept == m and u.A.shape == (4, 10) and u.B.shape == (12, 4)
-    if tau == 1.0:                                                           # rank(dW) <= sum r_k = 10 > R: capped
-        assert m == 4
+    assert u.A is None and u.B is None                                       # clients restart from a fresh LoRA
+    torch.testing.assert_close(u.delta_w, want, rtol=1e-9, atol=1e-9)
+    S = torch.linalg.svdvals(u.delta_w)
+    assert int((S > 1e-9 * S[0]).sum()) == m                                 # rank m, the energy share's
+    share = S[:m].square().sum() / torch.linalg.svdvals(dense_dW(A, B, w)).square().sum()
+    assert share >= tau - 1e-12
+    if tau == 1.0:                                   # all of dW, rank sum r_k = 10 > R = 4: not capped
+        assert m == sum(RANKS) and torch.allclose(u.delta_w, dense_dW(A, B, w), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="florist tau must be in"):
         florist(A, B, w, tau=0.0)
 

@@ -5,7 +5,10 @@ import torch
 from aggregators import AGGREGATORS
 from backbone import shapes_vit
 from data import DataError, load_shapes, partition
+import fed as fed_module
 from fed import Client, FedConfig, Federation
+from states import aggregate_states as agg
+from tests.reference import dense_florist
 from lora import inject_lora, lora_layers, lora_state, trainable_state
 
 
@@ -257,8 +260,10 @@ def test_fedsa_local_head_is_kept_and_scored_per_client():
 
 
 @pytest.mark.parametrize("method", list(AGGREGATORS))
-def test_bytes_on_the_wire_per_method(method):
+def test_bytes_on_the_wire_per_method(method, monkeypatch):
     fed = federation(method, per_domain=2)                 # 6 clients, 2 LoRA layers per block, r = 2
+    seen = []
+    monkeypatch.setattr(fed_module, "aggregate_states", lambda s, w, *a, **k: seen.append((s, w)) or agg(s, w, *a, **k))
     rec = fed.run_round()
     K = len(rec["clients"])
     up0 = trainable_state(fed.model)
@@ -269,6 +274,14 @@ def test_bytes_on_the_wire_per_method(method):
     assert rec["bytes"]["up"] == K * per
     if method == "flora":      # every client receives the K stacked adapters it folds in
         assert rec["bytes"]["down"] == K * (K * (A + B) + head)
+    elif method == "florist":  # and the rank-m factors of each layer's truncated dW (m from tau = 0.9)
+        states, w = seen[0]
+        per_layer = 0
+        for a in fed.a_keys:
+            b = a.replace("lora_A", "lora_B")
+            A_, B_ = (torch.stack([u[key] for u in states]).double() for key in (a, b))
+            per_layer += dense_florist(A_, B_, w, 0.9)[1] * (B_.shape[-2] + A_.shape[-1]) * 4
+        assert rec["bytes"]["down"] == K * (per_layer + head)
     elif method == "fedex":    # and the dense residual, d_out x d_in per layer
         residual = sum(b.weight[rows].numel() * 4 for _, b, rows in lora_layers(fed.model).values())
         assert rec["bytes"]["down"] == K * (per + residual)
@@ -324,3 +337,95 @@ def test_heterogeneous_rank_rounds_keep_each_client_at_its_rank(method):
     if method == "fedsa":                                  # the rank-1 client's own B stays rank 1
         assert all(v[:, 1:].abs().max() == 0 for k, v in fed.clients[0].state.items() if "lora_B" in k)
     fed.evaluate()
+
+
+# ----------------------------------------------------------------------------- absent clients, unheld slots
+
+def manual_round(fed, chosen, nan=()):
+    """Round fed.round with the clients `chosen` (not the sampler's); those in `nan` upload NaN."""
+    _, phase, glob = fed.begin_round()
+    results = []
+    for k in chosen:
+        up, loss = fed.train_client(k, glob, phase)
+        if k in nan:
+            up = {key: v.clone().fill_(float("nan")) if "lora_B" in key else v for key, v in up.items()}
+        results.append((k, up, loss))
+    return glob, phase, fed.finish_round(chosen, phase, glob, results, 0.0)
+
+
+def hetero(method, **kw):
+    """Three clients of ranks 1, 1, 2 (alpha 4, 4, 4: s_k = 4, 4, 2) in a rank-2 model."""
+    fed = federation(method, **kw)
+    for c, (r, s) in zip(fed.clients, [(1, 4.0), (1, 4.0), (2, 2.0)]):
+        c.rank, c.scale = r, s
+    return fed
+
+
+def slots(fed):
+    """Per adapted layer, which rank slots are alive: (A row i != 0, B column i != 0)."""
+    p = dict(fed.model.named_parameters())
+    return [((p[a].abs().sum(1) > 0).tolist(), (p[b].abs().sum(0) > 0).tolist()) for a, b in zip(fed.a_keys, fed.b_keys)]
+
+
+@pytest.mark.parametrize("absent", ["not sampled", "NaN"])
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_a_slot_no_participant_holds_keeps_its_global_value(method, absent):
+    fed = hetero(method)
+    with torch.no_grad():                                  # a global adapter with every slot in use
+        for lora, _, _ in lora_layers(fed.model).values():
+            lora.lora_B.weight.normal_(0, 0.05)
+    chosen, nan = ([0, 1], ()) if absent == "not sampled" else ([0, 1, 2], (2,))
+    glob, phase, rec = manual_round(fed, chosen, nan)
+    assert rec["clients"] == [0, 1]
+    new = dict(fed.model.named_parameters())
+    frozen = {"ffa": fed.a_keys, "rolora": fed.a_keys}.get(method, [])   # rolora's round 0 trains B
+    for a, b in zip(fed.a_keys, fed.b_keys):
+        if method in ("flora", "florist"):                 # a fresh LoRA: every A row drawn, B = 0
+            assert (new[a].abs().sum(1) > 0).all() and new[b].abs().max() == 0
+        elif method == "flexlora":                         # re-factorised: every A row a singular vector
+            assert (new[a].norm(dim=1) - 1).abs().max() < 1e-5
+        else:                                              # slot 1: held by nobody, bit for bit the global
+            assert torch.equal(new[a][1:], glob[a][1:]) and torch.equal(new[b][:, 1:], glob[b][:, 1:])
+            assert not torch.equal(new[b][:, :1], glob[b][:, :1])           # slot 0 was trained
+        if a in frozen:                                    # never a participant's (masked) copy
+            assert torch.equal(new[a], glob[a])
+
+
+@pytest.mark.parametrize("method", list(AGGREGATORS))
+def test_a_top_rank_client_absent_in_round_1_leaves_the_rank_structure_of_full_participation(method):
+    partial, full = hetero(method), hetero(method)
+    manual_round(partial, [0, 1])                         # the rank-2 client is not drawn
+    manual_round(full, [0, 1, 2])
+    for _ in range(2 if method == "rolora" else 1):       # rolora: B trains again in round 3 (phase 'B')
+        manual_round(partial, [0, 1, 2])
+        manual_round(full, [0, 1, 2])
+    assert slots(partial) == slots(full)
+    if method not in ("flora", "florist"):                # (their B restarts at 0 every round)
+        assert all(all(a) and all(b) for a, b in slots(partial))
+
+
+def test_ffa_A_is_the_initial_A_bit_for_bit_under_heterogeneous_partial_rounds():
+    fed = hetero("ffa")
+    A0 = {k: v.clone() for k, v in dict(fed.model.named_parameters()).items() if k in fed.a_keys}
+    for chosen in ([0, 1], [1], [0, 1, 2], [2]):
+        manual_round(fed, chosen)
+    assert all(torch.equal(dict(fed.model.named_parameters())[k], v) for k, v in A0.items())
+
+
+@pytest.mark.parametrize("local_head", [False, True])
+def test_fedsa_client_drawn_for_the_first_time_starts_from_its_initial_B(local_head):
+    """FedSA-LoRA's per-client models: a client that never trained has its own initial B (zero)
+    and head, not the average of the other clients' B."""
+    fed = federation("fedsa", local_head=local_head)
+    init = {k: v.clone() for k, v in trainable_state(fed.model).items()}
+    manual_round(fed, [0, 1])
+    glob = trainable_state(fed.model)
+    assert any(glob[k].abs().max() > 0 for k in fed.b_keys)            # B_bar is not zero any more
+    fed.start_client(fed.clients[2], glob)
+    now = trainable_state(fed.model)
+    for k in fed.b_keys + (fed.head_keys if local_head else []):
+        assert torch.equal(now[k], init[k])
+    for k in fed.a_keys + ([] if local_head else fed.head_keys):       # the shared parts are the global ones
+        assert torch.equal(now[k], glob[k])
+    fed.start_client(fed.clients[0], glob)                             # a returning client: its own B
+    assert all(torch.equal(trainable_state(fed.model)[k], fed.clients[0].state[k]) for k in fed.b_keys)

@@ -299,7 +299,8 @@ def test_method_options_reach_the_aggregator(tmp_path, monkeypatch, method, extr
 
 def expected_refusal(method, init, centralised, participation, fair):
     """Which flag a combination is refused over (None: defined), written out independently of train.py."""
-    if (method, init) in {("flora", "local"), ("fedex", "local"), ("rolora", "local"), ("fedsa", "local"),
+    if (method, init) in {("flora", "local"), ("florist", "local"), ("fedex", "local"), ("rolora", "local"),
+                          ("fedsa", "local"),
                           ("fedsa", "fresh"), ("rolora", "fresh")}:
         return "--client-init"
     if fair and method != "lorafair":
@@ -362,14 +363,15 @@ def test_defined_combinations_run(tmp_path, method, init, centralised):
     for r in recs:
         assert torch.isfinite(torch.tensor([r["train_loss"], r["cos"], r["rel_err"], r["acc"]["mean"]])).all()
         assert len(r["clients"]) == (1 if centralised else 2)
-    folded = method in ("flora", "fedex") or init == "fresh"
+    folded = method in ("flora", "fedex", "florist") or init == "fresh"
     assert (tmp_path / "run" / "adapter" / "NOTE.txt").exists() == folded
 
 
-def test_flora_with_fresh_clients_is_flora(tmp_path):
-    """FLoRA restarts every client from a fresh LoRA anyway: --client-init fresh is the same run."""
-    assert train(tmp_path, "--method", "flora", "--rounds", "2", name="a") == 0
-    assert train(tmp_path, "--method", "flora", "--client-init", "fresh", "--rounds", "2", name="b") == 0
+@pytest.mark.parametrize("method", ["flora", "florist"])
+def test_restarting_methods_with_fresh_clients_are_themselves(tmp_path, method):
+    """FLoRA and FLoRIST restart every client from a fresh LoRA anyway: --client-init fresh is the same run."""
+    assert train(tmp_path, "--method", method, "--rounds", "2", name="a") == 0
+    assert train(tmp_path, "--method", method, "--client-init", "fresh", "--rounds", "2", name="b") == 0
     a, b = (load_file(tmp_path / n / "final.safetensors") for n in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

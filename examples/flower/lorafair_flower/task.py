@@ -47,8 +47,8 @@ def build(train_args: str) -> tuple:
 
 
 def folds(fed: Federation) -> bool:
-    """Whether this run changes the backbone's weights (FLoRA, FedEx-LoRA, --client-init fresh)."""
-    return fed.cfg.method in ("flora", "fedex") or fed.cfg.client_init == "fresh"
+    """Whether this run changes the backbone's weights (FLoRA, FedEx-LoRA, FLoRIST, --client-init fresh)."""
+    return fed.folds
 
 
 def model_state(fed: Federation) -> dict[str, torch.Tensor]:
