@@ -497,6 +497,10 @@ def lorafair(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", ste
     A, B, w, dtype = _check(A, B, w, layer)
     _padding(A, B, ranks, layer)
     _check_fair_options(steps, lr, lam, init, correct, objective)
+    if objective == "lsq" and (steps, lr, init, similarity) != (1000, 0.01, "zeros", "flat"):
+        raise ValueError("lorafair objective 'lsq' is a closed form: steps, lr, init and similarity do not apply "
+                         f"(got steps={steps!r}, lr={lr!r}, init={init!r}, similarity={similarity!r}); leave them at "
+                         "their defaults")
     A_bar, B_bar, U, V = _fair_inputs(A, B, w)
     if objective == "lsq":
         C, G, nX = _flat_terms(U, V, A_bar, eps)

@@ -57,7 +57,7 @@ class FedConfig:
     local_steps: Optional[int] = None   # cap on local steps per round (None: whole epochs)
     participation: float = 1.0          # fraction of clients sampled per round
     seed: int = 0
-    amp: bool = False                   # bf16 autocast (GPU)
+    amp: bool = False                   # bf16 autocast (on the run's device; changes the arithmetic)
     workers: int = 0
     client_init: str = "global"         # clients start each round from: the global adapter | a fresh
                                         # LoRA (global adapter folded into W0 first) | their own last one
@@ -204,7 +204,7 @@ class Federation:
         total = cfg.local_epochs * steps_per_epoch
         if cfg.local_steps:
             total = cfg.local_steps if cfg.local_epochs <= 0 else min(total, cfg.local_steps)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and cuda else nullcontext()
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
         loss_sum = torch.zeros((), device=self.device)
         unreadable = []                                                  # sample indices with y = -1
         model.train()
@@ -495,7 +495,7 @@ class Federation:
         cuda = self.device.type == "cuda"
         loader = DataLoader(dataset, batch_size=max(self.cfg.batch_size, 256), num_workers=self.cfg.workers,
                             pin_memory=cuda)
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.cfg.amp and cuda else nullcontext()
+        amp = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.cfg.amp else nullcontext()
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         n = bad = 0
         self.model.eval()

@@ -28,8 +28,8 @@ import torch
 
 from aggregators import AGGREGATORS
 from backbone import SHAPES_MODELS, ModelError, build_model, check_weights
-from data import (DataError, image_domains, list_images, load_shapes, make_transform, partition,
-                  shapes_task_classes, write_splits)
+from data import (DATASETS, SHAPES_DOMAINS, DataError, image_domains, list_images, load_shapes, make_transform,
+                  partition, shapes_task_classes, write_splits)
 from fed import Client, FedConfig, Federation
 from lora import merged_state, peft_adapter
 
@@ -44,7 +44,7 @@ DATASET_DEFAULTS = {
                    eval_every=2, n_train=320, n_test=200),
 }
 # keys of config.json that must match for --resume (the rest may change: rounds, device, workers, out)
-RESUME_FREE = {"rounds", "resume", "out", "device", "workers", "progress", "eval_every", "dist_timeout", "amp",
+RESUME_FREE = {"rounds", "resume", "out", "device", "workers", "progress", "eval_every", "dist_timeout",
                "deterministic"}
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.safetensors", "final.safetensors", "merged.safetensors")
 
@@ -112,7 +112,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--florist-tau", type=float, default=0.9, help="florist: share of sum sigma^2 the kept components reach")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on where the GPU has native bf16, compute capability >= 8.0)")
+                   help="bf16 autocast, on the CPU too (default: on where the GPU has native bf16, compute capability "
+                        ">= 8.0); it changes the arithmetic, so a resumed run must keep it")
     p.add_argument("--workers", type=int, default=None,
                    help="DataLoader workers (default: 8 on GPU for image files, else 0)")
     p.add_argument("--deterministic", action="store_true",
@@ -140,7 +141,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"--ranks must be comma-separated integers such as 4,8,16, got {args.ranks!r}")
         if min(ranks) < 1:
             raise UserError(f"--ranks must all be >= 1, got {args.ranks}")
-        args.rank = max(ranks)
+        # the global rank R is the largest rank a client gets: entries past the clients (or domains) are unused
+        n_domains = len(args.domains.split(",")) if args.domains else len(
+            SHAPES_DOMAINS if args.dataset == "shapes" else DATASETS[args.dataset][0])
+        takers = n_domains * (1 if args.rank_by == "domain" else args.clients_per_domain)
+        args.rank = max(ranks[j % len(ranks)] for j in range(takers))
+        if takers < len(ranks):
+            print(f"note: --ranks {args.ranks}: only the first {takers} entries go to a {args.rank_by}; "
+                  f"the global rank R is {args.rank}", file=sys.stderr)
         args.client_alphas = [args.alpha if args.alpha is not None else float(max(8, 2 * r)) for r in ranks]
     args.alpha = args.alpha if args.alpha is not None else float(max(8, 2 * args.rank))
     if args.rank <= 0:
@@ -153,6 +161,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--rounds must be >= 0, --batch-size and --eval-every > 0")
     if args.local_epochs <= 0 and not args.local_steps:
         raise UserError("--local-epochs must be > 0 unless --local-steps is given")
+    check_unused_fair_options(args)
     check_method_options(args)
     check_combination(args)
     if args.local_head and args.method != "fedsa":
@@ -235,6 +244,17 @@ def check_combination(args) -> None:
         shapes_task_classes(args.num_classes)      # 2..100 classes, none of them the backbone's pretraining ones
 
 
+def check_unused_fair_options(args) -> None:
+    """--fair-objective lsq is a closed form: the SGD solver's flags would be ignored, so they are refused."""
+    if args.method != "lorafair" or args.fair_objective != "lsq":
+        return
+    defaults = get_args_parser().parse_args([])
+    for dest in ("fair_steps", "fair_lr", "fair_init", "fair_similarity"):
+        if getattr(args, dest) != getattr(defaults, dest):
+            raise UserError(f"--{dest.replace('_', '-')} does not apply to --fair-objective lsq (one closed-form "
+                            "solve, no SGD); drop it, or use --fair-objective cosine")
+
+
 def method_options(args) -> dict:
     """The options train.py passes to the chosen method's aggregator (aggregators.py), besides ranks/phase."""
     return {opt: getattr(args, dest) for opt, dest in OPTION_FLAGS.get(args.method, {}).items()}
@@ -286,6 +306,14 @@ def config_of(args) -> dict:
     return {k: v for k, v in sorted(vars(args).items())}
 
 
+def config_diff(old: dict, args) -> str:
+    """The settings (outside RESUME_FREE) in which a run's config.json and these arguments differ,
+    as 'key: old vs new, ...' (empty: the same run)."""
+    new, defaults = config_of(args), vars(get_args_parser().parse_args([]))
+    diff = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE and old.get(k, defaults.get(k)) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in diff[:4])
+
+
 def save_checkpoint(fed: Federation, out: str) -> None:
     from safetensors.torch import save_file
     tmp = os.path.join(out, "checkpoint.safetensors.tmp")
@@ -315,12 +343,9 @@ def check_out(args) -> bool:
             old = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"--resume: {cfg_path} cannot be read ({type(e).__name__}); it is not this program's config")
-    new, defaults = config_of(args), vars(get_args_parser().parse_args([]))
-    diff = sorted(k for k in set(old) | set(new)
-                  if k not in RESUME_FREE and old.get(k, defaults.get(k)) != new.get(k))
+    diff = config_diff(old, args)
     if diff:
-        raise UserError(f"--resume: {out} was run with a different configuration ("
-                        + ", ".join(f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in diff[:4]) + ")")
+        raise UserError(f"--resume: {out} was run with a different configuration ({diff})")
     return os.path.isfile(ckpt)    # no checkpoint: stopped during round 1, so it starts again from round 0
 
 

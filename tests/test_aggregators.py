@@ -644,3 +644,10 @@ def test_lsq_with_heterogeneous_ranks_refines_the_padded_average():
         bad = A.clone()
         bad[0, -1, 0] = 1.0                                       # client 0 has rank RANKS[0] < R
         lorafair(bad, B, w, ranks=RANKS, objective="lsq")
+
+
+@pytest.mark.parametrize("option", [{"steps": 5}, {"lr": 0.1}, {"init": "xavier"}, {"similarity": "column"}])
+def test_lsq_refuses_the_sgd_options_it_would_ignore(option):
+    A, B, w = clients()
+    with pytest.raises(ValueError, match="closed form: steps, lr, init and similarity do not apply"):
+        lorafair(A, B, w, objective="lsq", **option)

@@ -94,6 +94,10 @@ def test_domainnet_tree_end_to_end(tmp_path):
     (["--method", "florist", "--florist-tau", "0"], "florist tau must be in (0, 1], got 0.0 (set by --florist-tau)"),
     (["--fair-lr", "-1"], "lorafair lr must be a finite number > 0, got -1.0 (set by --fair-steps, --fair-lr"),
     (["--fair-lr", "1", "--fair-lam", "2"], "lr * lam = 2 >= 1"),
+    (["--fair-objective", "lsq", "--fair-steps", "5"], "--fair-steps does not apply to --fair-objective lsq"),
+    (["--fair-objective", "lsq", "--fair-lr", "0.1"], "--fair-lr does not apply to --fair-objective lsq"),
+    (["--fair-objective", "lsq", "--fair-init", "xavier"], "--fair-init does not apply to --fair-objective lsq"),
+    (["--fair-objective", "lsq", "--fair-similarity", "column"], "--fair-similarity does not apply to --fair-objective"),
     (["--local-head"], "--local-head applies to --method fedsa (its clients keep their own B), not lorafair"),
     (["--clients-per-domain", "5"], "too few for 5 clients"),
     (["--model", "vit_tiny_patch16_224", "--pretrained"], "pass --checkpoint PATH"),
@@ -112,6 +116,30 @@ def test_unknown_method_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--method", "fedavg"])
     assert e.value.code == 2 and "invalid choice: 'fedavg'" in capsys.readouterr().err
+
+
+def test_the_global_rank_is_the_largest_rank_a_client_gets(tmp_path, capsys):
+    """--ranks 1,2,4 --rank-by domain over two domains: clients of ranks 1 and 2, so R = 2 (the 4
+    goes to nobody): nothing of width 4 is trained, exported or used for the scaling."""
+    assert train(tmp_path, "--method", "fedit", "--ranks", "1,2,4", "--rank-by", "domain", "--rounds", "1") == 0
+    assert "the global rank R is 2" in capsys.readouterr().err
+    cfg = json.load(open(tmp_path / "run" / "config.json"))
+    assert cfg["rank"] == 2 and cfg["alpha"] == 8.0
+    final = load_file(tmp_path / "run" / "final.safetensors")
+    assert all(v.shape[0] == 2 for k, v in final.items() if k.endswith("lora_A.weight"))
+    adapter = json.load(open(tmp_path / "run" / "adapter" / "adapter_config.json"))
+    assert adapter["r"] == 2
+
+
+def test_amp_is_bf16_arithmetic_and_a_resume_must_keep_it(tmp_path, capsys):
+    """--amp is bf16 autocast on the CPU too: it changes the numbers, so --resume refuses to switch it."""
+    assert train(tmp_path, "--method", "fedit", "--rounds", "1", "--amp", name="amp") == 0
+    assert train(tmp_path, "--method", "fedit", "--rounds", "1", name="f32") == 0
+    a, b = (load_file(tmp_path / n / "final.safetensors") for n in ("amp", "f32"))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert train(tmp_path, "--method", "fedit", "--rounds", "2", "--resume", name="amp") == 2
+    assert "amp: True vs False" in capsys.readouterr().err
+    assert train(tmp_path, "--method", "fedit", "--rounds", "2", "--resume", "--amp", name="amp") == 0
 
 
 def test_resume_refuses_other_config_and_never_overwrites(tmp_path, capsys):

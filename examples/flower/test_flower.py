@@ -63,7 +63,8 @@ def test_lorafair_in_flower_equals_train_py(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method, extra", [("fedit", ""), ("flora", ""), ("fedsa", ""), ("rolora", "--rounds 3"),
                                            ("fedex", "--participation 0.67"), ("ffa", ""), ("flexlora", ""),
-                                           ("hetlora", "--ranks 1,2"), ("fedit", "--client-init fresh")])
+                                           ("hetlora", "--ranks 1,2"), ("florist", "--ranks 1,2"),
+                                           ("fedit", "--ranks 1,2 --participation 0.67"), ("fedit", "--client-init fresh")])
 def test_every_method_in_flower_equals_train_py(tmp_path, method, extra):
     rounds = 3 if "--rounds 3" in extra else 2
     equal_to_train_py(tmp_path, method, extra.replace("--rounds 3", ""), rounds=rounds)
@@ -110,3 +111,26 @@ def test_a_failing_client_is_left_out_and_the_weights_renormalised(tmp_path):
     assert [(r["clients"], r["dropped"]) for r in recs] == [([0, 2], [1]), ([0, 2], [1])]
     final = load_file(tmp_path / "fl" / "final.safetensors")
     assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def test_resume_refuses_a_run_of_other_train_args(tmp_path):
+    """A checkpoint continues only as the run that made it: a LoRA-FAIR run (here train.py's, whose
+    files the server shares) is not resumed as FedIT, one without config.json is not resumed at all,
+    and a new run never lands on an old one. Refused before any node is contacted (grid unused)."""
+    import shutil
+    import train
+    from lorafair_flower import server_app
+    args = f"{TINY} --method lorafair --rounds 1"
+    out = tmp_path / "run"
+    assert train.main([*args.split(), "--no-progress", "--out", str(out)]) == 0
+    before = (out / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(RuntimeError, match="different configuration \\(method: 'lorafair' vs 'fedit'\\)"):
+        server_app.serve(None, {"train-args": args.replace("lorafair", "fedit"), "out": str(out), "resume": True})
+    with pytest.raises(RuntimeError, match="already holds a run"):
+        server_app.serve(None, {"train-args": args, "out": str(out)})
+    shutil.copytree(out, tmp_path / "bare")
+    os.remove(tmp_path / "bare" / "config.json")
+    with pytest.raises(RuntimeError, match="no config.json"):
+        server_app.serve(None, {"train-args": args, "out": str(tmp_path / "bare"), "resume": True})
+    assert (out / "checkpoint.safetensors").read_bytes() == before
+    assert json.load(open(out / "config.json"))["method"] == "lorafair"

@@ -8,7 +8,8 @@ client lives here, keyed by the client's partition-id (stable across restarts, u
 FedSA-LoRA's B and --client-init local's adapters, sent back to that client when it is sampled.
 A reply that is an error, never comes within the timeout, or holds NaN/Inf is left out, and the
 weights p_k are renormalised over the rest, as fed.py does. After every round the state goes to
-<out>/checkpoint.safetensors; run config resume=true continues from it.
+<out>/checkpoint.safetensors; run config resume=true continues from it, if <out>/config.json (train.py's)
+says it was run with the same train-args.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from lorafair_flower.task import DEFAULT_ARGS, build, model_state, record, tensors
+import train  # noqa: E402 (on the path once task is imported)
 
 
 class AggregatorStrategy(Strategy):
@@ -110,8 +112,20 @@ def serve(grid: Grid, config: dict) -> None:
     from safetensors import safe_open
     args, fed = build(str(config.get("train-args", DEFAULT_ARGS)))
     out = str(config.get("out", "runs/flower"))
+    args.out = out
     os.makedirs(out, exist_ok=True)
-    ckpt = os.path.join(out, "checkpoint.safetensors")
+    ckpt, cfg_path = os.path.join(out, "checkpoint.safetensors"), os.path.join(out, "config.json")
+    if config.get("resume") and os.path.isfile(cfg_path):   # as train.py --resume: the same run, or nothing
+        with open(cfg_path) as f:
+            diff = train.config_diff(json.load(f), args)
+        if diff:
+            raise RuntimeError(f"resume: {out} was run with a different configuration ({diff}); pass the "
+                               "train-args it was started with, or another out")
+    elif config.get("resume") and os.path.isfile(ckpt):
+        raise RuntimeError(f"resume: {out} holds a checkpoint but no config.json, so what it was run with is "
+                           "unknown; start a new run in another out")
+    elif not config.get("resume") and os.path.exists(cfg_path):
+        raise RuntimeError(f"{out} already holds a run; set resume=true to continue it, or another out")
     if config.get("resume") and os.path.isfile(ckpt):
         with safe_open(ckpt, "pt") as f:
             done = int(f.metadata()["round"])
@@ -123,6 +137,9 @@ def serve(grid: Grid, config: dict) -> None:
                 f.writelines(keep)
     elif os.path.exists(os.path.join(out, "metrics.jsonl")):
         raise RuntimeError(f"{out} already holds a run; set resume=true to continue it, or another out")
+    with open(cfg_path + ".tmp", "w") as f:       # train.py's config.json: rounds as now asked for
+        json.dump(train.config_of(args), f, indent=1)
+    os.replace(cfg_path + ".tmp", cfg_path)
     timeout = float(config.get("timeout", 3600))
     strategy = AggregatorStrategy(fed, args, out, discover(grid, len(fed.clients), timeout))
     if args.rounds > fed.round:
