@@ -9,7 +9,7 @@ clients by adapter size only. A round:
      trains locally with SGD and uploads its trainable tensors (A_k, B_k, head) and n_k;
   3. the server weights p_k = n_k / sum n_j over participants with finite updates, applies the
      method from aggregators.py (FedAvg for the head) and folds delta_w into W0 where the method
-     does (FLoRA, FedEx-LoRA);
+     does (FLoRA, FedEx-LoRA, FLoRIST); a rank slot no participant holds keeps its global value;
   4. it logs cos(dW, dW_applied) and ||dW - dW_applied|| / ||dW||, averaged over layers, and per
      layer next to FedIT's cosine and the ceiling of any refined B (states.bias_bounds).
 

@@ -202,7 +202,7 @@ def load_lora_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
 
 @torch.no_grad()
 def fold_into_base(model: nn.Module, delta_w: Mapping[str, Tensor]) -> None:
-    """W0[rows] += s * delta_w for each adapter prefix (FLoRA's and FedEx-LoRA's fold; B @ A units)."""
+    """W0[rows] += s * delta_w for each adapter prefix (FLoRA's, FLoRIST's and FedEx-LoRA's fold; B @ A units)."""
     layers = lora_layers(model)
     for prefix, d in delta_w.items():
         if prefix not in layers:

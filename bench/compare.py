@@ -103,6 +103,7 @@ ABLATIONS = {   # each against LoRA-FAIR's defaults (first two rows: the runs of
     "clients start fresh": ["--method", "lorafair", "--client-init", "fresh"],
     "clients start local": ["--method", "lorafair", "--client-init", "local"],
 }
+LABELS = {"hetlora": "hetlora (aggregation step only)"}   # no rank self-pruning (docs/methods.md)
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086]   # Student's t, 97.5% quantile, 1..20 degrees of freedom
 
@@ -292,8 +293,8 @@ def write_table(results, seeds, out, args, setting, backbone, base, fed, central
         wire = [(rec["bytes"]["up"] + rec["bytes"]["down"]) / 1e6 for r in runs for rec in r if "bytes" in rec]
         bias = f"{avg('cos_fedit'):.4f} | {avg('ceiling'):.4f}" if has else "n/a | n/a"   # older runs: n/a
         mb = f"{statistics.mean(wire):.3f}" if wire else "n/a"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{fmt(mean)}** | {delta} | {delta_fair} | "
-                     f"{avg('cos'):.4f} | {bias} | {mb} |")
+        lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | **{fmt(mean)}** | {delta} | "
+                     f"{delta_fair} | {avg('cos'):.4f} | {bias} | {mb} |")
     lines += ["", "Command: `python bench/compare.py " + " ".join(sys.argv[1:]) + "`",
               "Settings: `" + " ".join(base + fed) + "`"
               + (f" (centralised: `{' '.join(centralised)}`)" if centralised else "")]
