@@ -465,3 +465,23 @@ def test_lsq_objective_reaches_the_logged_ceiling_in_every_layer(tmp_path):
         for layer in rec["layers"].values():
             assert layer["cos"] == pytest.approx(layer["ceiling"], abs=1e-5)
             assert layer["cos"] >= layer["cos_fedit"] - 1e-6
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa", "rbla", "lorafair"])
+def test_heterogeneous_ranks_with_partial_participation_lose_no_slot(tmp_path, method):
+    """Ranks 1,1,1,2 over four domains, half of them a round: a round without the rank-2 client
+    leaves slot 1 as it was, and the run ends with every slot alive in every layer; FFA-LoRA's A
+    ends as it does at full participation (the initial A, bit for bit)."""
+    domains = ["--domains", "clipart,sketch,quickdraw,painting", "--ranks", "1,1,1,2", "--rounds", "4"]
+    assert train(tmp_path, "--method", method, *domains, "--participation", "0.5", name="half") == 0
+    rounds = [json.loads(line)["clients"] for line in open(tmp_path / "half" / "metrics.jsonl")]
+    assert any(3 not in r for r in rounds) and any(3 in r for r in rounds)   # the test means something
+    final = load_file(tmp_path / "half" / "final.safetensors")
+    for k, A in final.items():
+        if k.endswith("lora_A.weight"):
+            B = final[k.replace("lora_A", "lora_B")]
+            assert (A.abs().sum(1) > 0).all() and (B.abs().sum(0) > 0).all(), k
+    if method == "ffa":
+        assert train(tmp_path, "--method", method, *domains, name="full") == 0
+        full = load_file(tmp_path / "full" / "final.safetensors")
+        assert all(torch.equal(final[k], full[k]) for k in final if k.endswith("lora_A.weight"))
