@@ -404,25 +404,46 @@ def _xavier(like: Tensor, seed: int, layer: Names = "layer") -> Tensor:
     return (noise * math.sqrt(6.0 / sum(mat))).to(like)
 
 
-def _check_fair_options(steps: int, lr: float, lam: float, init: str, correct: str,
-                        objective: str = "cosine") -> None:
+def _check_fair_options(solver: str, steps, lr, lam: float, init: str, similarity: str, correct: str,
+                        objective: str) -> tuple[int, Optional[float]]:
+    """Check LoRA-FAIR's options; return (steps, lr) with the solver's defaults filled in. An
+    option the chosen solver or objective would ignore is refused, not ignored."""
     if objective not in ("cosine", "lsq"):
         raise ValueError(f"lorafair objective must be 'cosine' or 'lsq', got {objective!r}")
-    if objective == "lsq" and correct != "B":
-        raise ValueError(f"lorafair objective 'lsq' refines B only (correct='B'), got correct={correct!r}")
-    if not (isinstance(steps, int) and steps >= 0):
-        raise ValueError(f"lorafair steps must be an integer >= 0, got {steps!r}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lorafair lr must be a finite number > 0, got {lr!r}")
+    if solver not in ("fixed-point", "sgd"):
+        raise ValueError(f"lorafair solver must be 'fixed-point' or 'sgd', got {solver!r}")
     if not (lam >= 0 and math.isfinite(lam)):
         raise ValueError(f"lorafair lam must be a finite number >= 0, got {lam!r}")
-    if objective == "cosine" and lr * lam >= 1:
-        raise ValueError(f"lorafair: lr * lam = {lr * lam:g} >= 1 makes SGD on the term lam ||dB||^2 "
-                         "diverge (each step multiplies dB by 1 - 2 lr lam); lower lr or lam")
     if init not in ("zeros", "xavier"):
         raise ValueError(f"lorafair init must be 'zeros' or 'xavier', got {init!r}")
     if correct not in ("B", "A", "both"):
         raise ValueError(f"lorafair correct must be 'B', 'A' or 'both', got {correct!r}")
+    if similarity not in ("flat", "column"):
+        raise ValueError(f"lorafair similarity must be 'flat' or 'column', got {similarity!r}")
+    if steps is not None and not (isinstance(steps, int) and steps >= 0):
+        raise ValueError(f"lorafair steps must be an integer >= 0, got {steps!r}")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lorafair lr must be a finite number > 0, got {lr!r}")
+    if objective == "lsq":
+        if correct != "B":
+            raise ValueError(f"lorafair objective 'lsq' refines B only (correct='B'), got correct={correct!r}")
+        if (solver, steps, lr, init, similarity) != ("fixed-point", None, None, "zeros", "flat"):
+            raise ValueError("lorafair objective 'lsq' is a closed form: solver, steps, lr, init and similarity do "
+                             f"not apply (got solver={solver!r}, steps={steps!r}, lr={lr!r}, init={init!r}, "
+                             f"similarity={similarity!r}); leave them at their defaults")
+        return 0, None
+    if solver == "fixed-point":
+        if (init, similarity, correct) != ("zeros", "flat", "B") or lr is not None:
+            raise ValueError("lorafair solver 'fixed-point' solves Eq. 8 as written (flat cosine, residual on B, "
+                             "nothing to start from or step with); init, similarity, correct and lr are SGD's: "
+                             f"got init={init!r}, similarity={similarity!r}, correct={correct!r}, lr={lr!r}; "
+                             "pass solver='sgd' for them")
+        return (20 if steps is None else steps), None
+    steps, lr = (1000 if steps is None else steps), (0.01 if lr is None else lr)
+    if lr * lam >= 1:
+        raise ValueError(f"lorafair: lr * lam = {lr * lam:g} >= 1 makes SGD on the term lam ||dB||^2 "
+                         "diverge (each step multiplies dB by 1 - 2 lr lam); lower lr or lam")
+    return steps, lr
 
 
 def lsq_residual(B_bar: Tensor, C: Tensor, G: Tensor, nX: Tensor, lam: float) -> Tensor:
@@ -454,6 +475,97 @@ def lsq_residual(B_bar: Tensor, C: Tensor, G: Tensor, nX: Tensor, lam: float) ->
     return dB.to(B_bar.dtype)
 
 
+def eq8_fixed_point(B_bar: Tensor, C: Tensor, G: Tensor, nX: Tensor, lam: float, iters: int = 20,
+                    c: float = 2.0) -> Tensor:
+    """Eq. 8 solved to convergence: dB minimising f(B') = 1 - cos(dW, B' A_bar) + lam ||B' - B_bar||^2.
+
+    With n = ||B' A_bar|| = sqrt(<B' G, B'>) and cos = <B', C> / (||dW|| n), f's gradient is zero
+    where  2 lam (B' - B_bar) = C / (||dW|| n) - cos B' G / n^2,  that is
+
+        B' = (B_bar + a C) (I + b G)^-1,   a = 1 / (2 lam ||dW|| n),   b = cos / (2 lam n^2):
+
+    every stationary point is an r x r solve away from two scalars. With G = Q diag(g) Q^T, f, n and
+    cos of B'(a, b) are sums over r terms of (B_bar Q)_i and (C Q)_i, so the search for (a, b) is
+    a fixed point of two numbers per layer (in log a, log b, Anderson-accelerated: plain iteration
+    crawls in some cases; accelerated, every case measured converged within 6 iterations) that
+    costs O(r) an iteration, against O(d_out r^2) for one SGD step. Then, in float64:
+
+    - the best iterate is rescaled along its ray to the scale f prefers, t = <B', B_bar> / ||B'||^2
+      (the cosine does not see the scale; at a true minimiser t = 1, so ||B'||_F <= ||B_bar||_F),
+      and capped so that ||B' A_bar|| <= c max(||B_bar A_bar||, ||dW||) (c = 2; f is convex along
+      the ray, so the cap is the best point left on it);
+    - if f there is above f(B_bar), dB = 0: never worse than no correction.
+    B_bar A_bar = 0 (below 1e-12 ||dW||; f has no minimiser: it falls as B' -> 0 along the
+    ceiling's direction): the rule is B' = C G^+, the least-squares solution, (B' A_bar = dW P, the ceiling at dW's scale).
+    lam = 0 (every positive scale is a minimiser): the ceiling's direction at the scale f has
+    for any lam > 0, t = <C G^+, B_bar> / ||C G^+||^2 (at dW's scale if that is not positive).
+    Shapes: B_bar, C (..., d_out, r), G (..., r, r), nX (...,); dB in B_bar's dtype.
+    """
+    B64, C64, G64 = B_bar.double(), C.double(), G.double()
+    nX = nX.double()[..., None, None]                                          # (..., 1, 1)
+    tiny = torch.finfo(torch.float64).tiny
+
+    def objective(Bp: Tensor) -> tuple[Tensor, Tensor]:                       # f and n: (..., 1, 1)
+        n = ((Bp @ G64) * Bp).sum((-2, -1), keepdim=True).clamp_min(0).sqrt()
+        cos = (Bp * C64).sum((-2, -1), keepdim=True) / (nX * n).clamp_min(tiny)
+        return 1 - cos + lam * (Bp - B64).square().sum((-2, -1), keepdim=True), n
+
+    f0, n0 = objective(B64)
+    ceiling = C64 @ torch.linalg.pinv(G64, hermitian=True)                     # C G^+: (..., d_out, r)
+    if lam == 0:
+        t = (ceiling * B64).sum((-2, -1), keepdim=True) / ceiling.square().sum((-2, -1), keepdim=True).clamp_min(tiny)
+        Bp = ceiling * torch.where(t > 0, t, torch.ones_like(t))
+    else:
+        g, Q = torch.linalg.eigh(G64)                                         # g: (..., r)  Q: (..., r, r)
+        g = g.clamp_min(0)
+        P, S = B64 @ Q, C64 @ Q                                               # (..., d_out, r)
+        pp, ps, ss = P.square().sum(-2), (P * S).sum(-2), S.square().sum(-2)  # (..., r)
+
+        def at(x: Tensor) -> tuple[Tensor, Tensor]:
+            """f at B'(a, b), x = (log a, log b): (...,), and the fixed-point map T(x): (..., 2)."""
+            a, b = x.exp().unbind(-1)
+            a, den = a[..., None], 1 + b[..., None] * g                       # (..., 1), (..., r)
+            n = (g * (pp + 2 * a * ps + a * a * ss) / den.square()).sum(-1).clamp_min(tiny).sqrt()
+            cos = ((ps + a * ss) / den).sum(-1) / (nX[..., 0, 0] * n)
+            q, u = 1 / den - 1, a / den
+            d2 = (q * q * pp + 2 * q * u * ps + u * u * ss).sum(-1)           # ||B' - B_bar||^2
+            T = torch.stack([-(2 * lam * nX[..., 0, 0] * n).log(), (cos.clamp_min(tiny) / (2 * lam * n * n)).log()], -1)
+            return 1 - cos + lam * d2, T
+
+        x = torch.stack([-(2 * lam * nX[..., 0, 0] * n0[..., 0, 0]).log(),
+                         (((B64 * C64).sum((-2, -1)) / (nX[..., 0, 0] * n0[..., 0, 0])).clamp_min(tiny)
+                          / (2 * lam * n0[..., 0, 0].square())).log()], -1)  # T at B' = B_bar: (..., 2)
+        x = torch.nan_to_num(x, nan=0.0, posinf=700.0, neginf=-700.0).clamp(-700, 700)
+        best_f, best_x = torch.full_like(x[..., 0], 3.0), x                  # f <= 2 + lam ||dB||^2
+        prev = None
+        for _ in range(iters):
+            fx, T = at(x)
+            # the latest iterate unless it is worse beyond rounding: f is flat at the optimum, so
+            # iterates equal in f to the last bit still differ in B' (NaN is never better)
+            better = fx <= best_f + 8 * torch.finfo(torch.float64).eps * (1 + best_f.abs())
+            best_f, best_x = torch.where(better, fx, best_f), torch.where(better[..., None], x, best_x)
+            gx = T - x
+            if prev is None:
+                nxt = T
+            else:                                                            # Anderson, one step of memory
+                dx, dg = x - prev[0], gx - prev[1]
+                gamma = (dg * gx).sum(-1, keepdim=True) / (dg * dg).sum(-1, keepdim=True).clamp_min(tiny)
+                nxt = x + gx - gamma * (dx + dg)
+            prev = (x, gx)
+            x = torch.where(nxt.isfinite(), nxt, T).nan_to_num(nan=0.0).clamp(-700, 700)
+        a, b = best_x.exp().unbind(-1)
+        Bp = ((P + a[..., None, None] * S) / (1 + b[..., None, None] * g[..., None, :])) @ Q.mT
+        t = (Bp * B64).sum((-2, -1), keepdim=True) / Bp.square().sum((-2, -1), keepdim=True).clamp_min(tiny)
+        Bp = torch.where(t > 0, Bp * t, Bp)                                   # the scale f prefers on the ray
+    n = ((Bp @ G64) * Bp).sum((-2, -1), keepdim=True).clamp_min(0).sqrt()
+    cap = c * torch.maximum(n0, nX)
+    Bp = torch.where(n > cap, Bp * cap / n.clamp_min(tiny), Bp)
+    f, _ = objective(Bp)
+    Bp = torch.where(f <= f0, Bp, B64)                                        # never worse than dB = 0
+    Bp = torch.where(n0 > 1e-12 * nX, Bp, ceiling)                            # B_bar A_bar = 0: the rule
+    return (Bp - B64).to(B_bar.dtype)
+
+
 def _fair_inputs(A: Tensor, B: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """A_bar, B_bar and dW as U V (or dW itself with V None, when that is the smaller form)."""
     A, B = A.detach(), B.detach()
@@ -465,46 +577,50 @@ def _fair_inputs(A: Tensor, B: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tenso
     return A_bar, B_bar, U, V
 
 
-def lorafair(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", steps: int = 1000, lr: float = 0.01,
-             lam: float = 0.01, init: str = "zeros", similarity: str = "flat", correct: str = "B",
-             eps: float = 1e-8, seed: int = 0, objective: str = "cosine") -> Update:
+def lorafair(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", solver: str = "fixed-point",
+             steps: Optional[int] = None, lr: Optional[float] = None, lam: float = 0.01, init: str = "zeros",
+             similarity: str = "flat", correct: str = "B", eps: float = 1e-8, seed: int = 0,
+             objective: str = "cosine") -> Update:
     """LoRA-FAIR: (A_bar, B_bar + dB), with the residual dB of Eq. 8,
 
         dB = argmin [1 - cos(dW, (B_bar + dB) A_bar)] + lam ||dB||_F^2,
 
-    (Eq. 8 writes lam ||dB||; the square, smooth at dB = 0, is what the derived public code uses)
-    found by `steps` steps of plain SGD at `lr` on the server, from dB = 0 ('zeros') or
-    Xavier-uniform noise ('xavier'). W0 is never changed; clients start next round from
-    (A_bar, B_bar + dB). Batched layers are independent terms of one summed loss, so one call
-    equals one optimiser over all layers.
+    (Eq. 8 writes lam ||dB||; the square, smooth at dB = 0, is what the derived public code uses).
+    W0 is never changed; clients start next round from (A_bar, B_bar + dB).
 
-    correct='A' or 'both' are the paper's ablation: a residual dA on A_bar instead of (or as well
-    as) dB, same objective with lam ||dA||^2 (and lam ||dB||^2).
+    solver='fixed-point' (default) solves Eq. 8 to convergence (`eq8_fixed_point`: `steps`
+    iterations, 20 by default, of an r x r problem): never a higher objective than dB = 0, and
+    ||B' A_bar|| <= 2 max(||B_bar A_bar||, ||dW||). solver='sgd' is the published procedure:
+    `steps` (1000) steps of plain SGD at `lr` (0.01) from dB = 0 ('zeros') or Xavier-uniform noise
+    ('xavier'), batched layers being independent terms of one summed loss. The cosine does not
+    depend on the scale of B', so its gradient is orthogonal to B' and of size ~1 / ||B' A_bar||:
+    from a small B_bar (early rounds, B starting at 0) fixed-lr steps lengthen B' far past dW and
+    can leave Eq. 8 higher than at dB = 0 (README, "Eq. 8 and its solvers").
 
-    Defaults: lam = 0.01, lr = 0.01 and 1000 steps are the paper's and its derived code's values.
-    init='zeros' (not the derived code's 'xavier'): with realistic LoRA magnitudes, Xavier noise
-    of scale sqrt(6 / (d_out + r)) dwarfs B_bar and 1000 steps at lr 0.01 do not remove it, so the
-    refined B ends further from dW than B_bar (see README); from zero, dB only moves where the
-    cosine pulls. similarity='flat' is Eq. 8 as written; 'column' is the derived code's mean of
-    per-column cosines.
+    correct='A' or 'both' (SGD only) are the paper's ablation: a residual dA on A_bar instead of
+    (or as well as) dB, same objective with lam ||dA||^2 (and lam ||dB||^2). similarity='flat' is
+    Eq. 8 as written; 'column' (SGD only) is the derived code's mean of per-column cosines.
+
+    Defaults: lam = 0.01 is the paper's, as are SGD's lr 0.01 and 1000 steps. init='zeros' (not
+    the derived code's 'xavier'): with realistic LoRA magnitudes, Xavier noise of scale
+    sqrt(6 / (d_out + r)) dwarfs B_bar and 1000 steps at lr 0.01 do not remove it.
 
     Heterogeneous ranks: B_bar is refined on the zero-padded factors (as LoRA-FAIR-derived public
     code does) at rank R, and each client takes its truncation.
 
-    objective='lsq' replaces the cosine by its closed-form cousin (`lsq_residual`); steps, lr,
-    init and similarity do not apply to it.
+    objective='lsq' replaces the cosine by its closed-form cousin (`lsq_residual`); solver, steps,
+    lr, init and similarity do not apply to it.
     """
     A, B, w, dtype = _check(A, B, w, layer)
     _padding(A, B, ranks, layer)
-    _check_fair_options(steps, lr, lam, init, correct, objective)
-    if objective == "lsq" and (steps, lr, init, similarity) != (1000, 0.01, "zeros", "flat"):
-        raise ValueError("lorafair objective 'lsq' is a closed form: steps, lr, init and similarity do not apply "
-                         f"(got steps={steps!r}, lr={lr!r}, init={init!r}, similarity={similarity!r}); leave them at "
-                         "their defaults")
+    steps, lr = _check_fair_options(solver, steps, lr, lam, init, similarity, correct, objective)
     A_bar, B_bar, U, V = _fair_inputs(A, B, w)
     if objective == "lsq":
         C, G, nX = _flat_terms(U, V, A_bar, eps)
         return _cast(Update(A_bar, B_bar + lsq_residual(B_bar, C, G, nX, lam), None), dtype)
+    if solver == "fixed-point":
+        C, G, nX = _flat_terms(U, V, A_bar, eps)
+        return _cast(Update(A_bar, B_bar + eq8_fixed_point(B_bar, C, G, nX, lam, steps), None), dtype)
     start = (lambda X, s, names: torch.zeros_like(X)) if init == "zeros" else _xavier
     dB = start(B_bar, seed, layer) if correct != "A" else None      # (..., d_out, r)
     dA = start(A_bar, seed + 1, layer) if correct != "B" else None  # (..., r, d_in)
@@ -532,22 +648,23 @@ def lorafair(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", ste
 def lorafair_groups(groups: Sequence[tuple], **options) -> list[Update]:
     """lorafair over several shape groups [(layer names, A, B, w), ...], one Update per group.
 
-    With the default solver (flat cosine, residual on B, from zero) a layer's SGD needs only
+    With solver='sgd' (flat cosine, residual on B, from zero) a layer's SGD needs only
     C (d_out, r), G (r, r) and ||dW||, none of which depends on d_in, so the groups are merged
     into one SGD loop per (d_out, r): the same steps per layer (layers are independent terms of
     the summed loss), fewer kernel launches. Any other variant runs group by group.
     """
     flat = (options.get("similarity", "flat") == "flat" and options.get("correct", "B") == "B"
-            and options.get("init", "zeros") == "zeros" and options.get("objective", "cosine") == "cosine")
+            and options.get("init", "zeros") == "zeros" and options.get("objective", "cosine") == "cosine"
+            and options.get("solver") == "sgd")
     if not flat:
         return [lorafair(A, B, w, layer=names, **options) for names, A, B, w in groups]
-    unknown = set(options) - {"steps", "lr", "lam", "init", "similarity", "correct", "eps", "seed", "ranks",
-                              "objective"}
+    unknown = set(options) - {"solver", "steps", "lr", "lam", "init", "similarity", "correct", "eps", "seed",
+                              "ranks", "objective"}
     if unknown:
         raise TypeError(f"lorafair got unexpected options {sorted(unknown)}")
-    steps, lr, lam, eps = (options.get(k, d) for k, d in (("steps", 1000), ("lr", 0.01), ("lam", 0.01),
-                                                           ("eps", 1e-8)))
-    _check_fair_options(steps, lr, lam, "zeros", "B")
+    lam, eps = options.get("lam", 0.01), options.get("eps", 1e-8)
+    steps, lr = _check_fair_options("sgd", options.get("steps"), options.get("lr"), lam, "zeros", "flat", "B",
+                                    "cosine")
     terms, bins = [], {}
     for i, (names, A, B, w) in enumerate(groups):
         A, B, w, _ = _check(A, B, w, names)

@@ -10,8 +10,9 @@ clients by adapter size only. A round:
   3. the server weights p_k = n_k / sum n_j over participants with finite updates, applies the
      method from aggregators.py (FedAvg for the head) and folds delta_w into W0 where the method
      does (FLoRA, FedEx-LoRA, FLoRIST); a rank slot no participant holds keeps its global value;
-  4. it logs cos(dW, dW_applied) and ||dW - dW_applied|| / ||dW||, averaged over layers, and per
-     layer next to FedIT's cosine and the ceiling of any refined B (states.bias_bounds).
+  4. it logs cos(dW, dW_applied), ||dW - dW_applied|| / ||dW|| and ||dW_applied|| / ||dW||,
+     averaged over layers, and per layer next to FedIT's cosine and the ceiling of any refined B
+     (states.bias_bounds); for LoRA-FAIR also Eq. 8's objective at dB = 0 and at its dB.
 
 An image that exists but cannot be decoded arrives with label -1 (data.ImageList): it is left out
 of the loss and of accuracy, and counted once per domain (`unreadable()`).
@@ -366,7 +367,12 @@ class Federation:
                 "rel_err": sum(agg.rel_err.values()) / len(agg.rel_err),
                 "cos_fedit": sum(agg.cos_fedit.values()) / len(agg.cos_fedit),   # FedIT's, same inputs
                 "ceiling": sum(agg.ceiling.values()) / len(agg.ceiling),         # best any B' on A_bar reaches
-                "layers": {p: {"cos": agg.cos[p], "cos_fedit": agg.cos_fedit[p], "ceiling": agg.ceiling[p]}
+                "scale": sum(agg.scale.values()) / len(agg.scale),               # ||dW_applied|| / ||dW||
+                **({"eq8_0": sum(v[0] for v in agg.eq8.values()) / len(agg.eq8),   # LoRA-FAIR: Eq. 8 at dB = 0
+                    "eq8": sum(v[1] for v in agg.eq8.values()) / len(agg.eq8)} if agg.eq8 else {}),   # at its dB
+                "layers": {p: {"cos": agg.cos[p], "cos_fedit": agg.cos_fedit[p], "ceiling": agg.ceiling[p],
+                               "scale": agg.scale[p],
+                               **({"eq8_0": agg.eq8[p][0], "eq8": agg.eq8[p][1]} if p in agg.eq8 else {})}
                            for p in agg.cos},
                 "seconds": {"train": t_train, "aggregate": t_agg}}
 

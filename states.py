@@ -1,6 +1,6 @@
 """Aggregate whole client state dicts: find the LoRA pairs by name, stack same-shape layers, run
 one method of aggregators.py per stack, FedAvg everything else; and measure, per layer, how far
-each method's result is from the ideal update dW (`diagnostics`, `bias_bounds`).
+each method's result is from the ideal update dW (`diagnostics`, `bias_bounds`, `eq8_objective`).
 
 Keys as this project, HF PEFT's saved adapters and a live PEFT model write them:
 
@@ -60,8 +60,9 @@ def bias_bounds(A: Tensor, B: Tensor, w, *, eps: float = 1e-12) -> tuple[Tensor,
     return fedit_cos, ceiling.clamp(max=1.0)
 
 
-def diagnostics(update: Update, A: Tensor, B: Tensor, w, *, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
-    """cos(dW, dW_applied) and ||dW - dW_applied||_F / ||dW||_F per layer: two (...,) tensors."""
+def diagnostics(update: Update, A: Tensor, B: Tensor, w, *, eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
+    """cos(dW, dW_applied), ||dW - dW_applied||_F / ||dW||_F and ||dW_applied||_F / ||dW||_F per
+    layer: three (...,) tensors."""
     ct = torch.promote_types(A.dtype, torch.float32)                         # half precision: in float32
     A, B, w = A.to(ct), B.to(ct), torch.as_tensor(w).to(A.device, ct)
     update = Update(*(None if x is None else x.to(ct) for x in update))
@@ -72,7 +73,24 @@ def diagnostics(update: Update, A: Tensor, B: Tensor, w, *, eps: float = 1e-12) 
     nY = applied.flatten(-2).norm(dim=-1).clamp_min(eps)
     cos = (dW * applied).sum((-2, -1)) / (nX * nY)
     rel = (dW - applied).flatten(-2).norm(dim=-1) / nX
-    return cos, rel
+    return cos, rel, applied.flatten(-2).norm(dim=-1) / nX
+
+
+def eq8_objective(update: Update, A: Tensor, B: Tensor, w, lam: float) -> tuple[Tensor, Tensor]:
+    """LoRA-FAIR's Eq. 8 as written (flat cosine, squared residual), in float64, per layer: at
+    dB = 0, 1 - cos(dW, B_bar A_bar), and at the update, 1 - cos(dW, B' A') + lam (||B' - B_bar||^2
+    + ||A' - A_bar||^2) (A' = A_bar unless the residual is on A). Two (...,) tensors."""
+    A, B = A.detach().double(), B.detach().double()
+    w = torch.as_tensor(w).to(A.device, torch.float64)
+    A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)
+    U, V = stacked_factors(A, B, w)
+    dW = U @ V                                                                # (..., d_out, d_in)
+    A_new, B_new = update.A.double(), update.B.double()
+
+    def cos(Y: Tensor) -> Tensor:
+        return (dW * Y).sum((-2, -1)) / (dW.flatten(-2).norm(dim=-1) * Y.flatten(-2).norm(dim=-1)).clamp_min(1e-300)
+    residual = (B_new - B_bar).square().sum((-2, -1)) + (A_new - A_bar).square().sum((-2, -1))
+    return 1 - cos(B_bar @ A_bar), 1 - cos(B_new @ A_new) + lam * residual
 
 
 # ----------------------------------------------------------------------------- state dicts
@@ -84,6 +102,8 @@ class StateUpdate(NamedTuple):
     rel_err: dict[str, float]   # layer prefix -> ||dW - dW_applied|| / ||dW||
     cos_fedit: dict[str, float]  # layer prefix -> FedIT's cos(dW, B_bar A_bar), the bias before any fix
     ceiling: dict[str, float]   # layer prefix -> max over B' of cos(dW, B' A_bar) (aggregators.bias_bounds)
+    scale: dict[str, float]     # layer prefix -> ||dW_applied|| / ||dW|| (LoRA-FAIR: ||B' A_bar|| / ||dW||)
+    eq8: dict[str, tuple[float, float]]   # lorafair: layer prefix -> Eq. 8's objective at dB = 0, at its dB
 
 
 def _lora_key(key: str) -> Optional[tuple[str, str, Optional[str]]]:
@@ -161,10 +181,11 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
     else:
         updates = [fn(A, B, wg, layer=group, **options) for group, A, B, wg in stacks]
 
-    out = StateUpdate({}, {}, {}, {}, {}, {})
+    out = StateUpdate({}, {}, {}, {}, {}, {}, {}, {})
     for (group, A, B, wg), upd in zip(stacks, updates):
-        cos, rel = diagnostics(upd, A, B, wg)
+        cos, rel, scale = diagnostics(upd, A, B, wg)
         fedit_cos, ceiling = bias_bounds(A, B, wg)
+        eq8 = eq8_objective(upd, A, B, wg, options.get("lam", 0.01)) if method == "lorafair" else None
         for i, p in enumerate(group):
             if upd.A is not None:
                 out.state[pairs[p][0]] = upd.A[i]
@@ -174,6 +195,9 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
                 out.delta_w[p] = upd.delta_w[i]
             out.cos[p], out.rel_err[p] = cos[i].item(), rel[i].item()
             out.cos_fedit[p], out.ceiling[p] = fedit_cos[i].item(), ceiling[i].item()
+            out.scale[p] = scale[i].item()
+            if eq8 is not None:
+                out.eq8[p] = (eq8[0][i].item(), eq8[1][i].item())
     factors = {k for ab in pairs.values() for k in ab}
     for key in keys:
         if key in factors:

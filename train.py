@@ -99,8 +99,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--fair-steps", type=int, default=1000, help="LoRA-FAIR server SGD steps")
-    p.add_argument("--fair-lr", type=float, default=0.01)
+    p.add_argument("--fair-solver", default="fixed-point", choices=["fixed-point", "sgd"],
+                   help="LoRA-FAIR's server step: Eq. 8 solved to convergence, or the published plain SGD (README)")
+    p.add_argument("--fair-steps", type=int, default=None,
+                   help="fixed-point iterations (20), or SGD steps (1000, the paper's)")
+    p.add_argument("--fair-lr", type=float, default=None, help="SGD's step size (0.01, the paper's)")
     p.add_argument("--fair-lam", type=float, default=0.01)
     p.add_argument("--fair-init", default="zeros", choices=["zeros", "xavier"])
     p.add_argument("--fair-similarity", default="flat", choices=["flat", "column"])
@@ -196,8 +199,8 @@ def bf16_native(device: str) -> bool:
 
 
 OPTION_FLAGS = {   # method -> {aggregator option: train.py argument}
-    "lorafair": {"steps": "fair_steps", "lr": "fair_lr", "lam": "fair_lam", "init": "fair_init",
-                 "similarity": "fair_similarity", "correct": "fair_correct", "objective": "fair_objective"},
+    "lorafair": {"solver": "fair_solver", "steps": "fair_steps", "lr": "fair_lr", "lam": "fair_lam",
+                 "init": "fair_init", "similarity": "fair_similarity", "correct": "fair_correct", "objective": "fair_objective"},
     "hetlora": {"use_p": "hetlora_use_p"},
     "florist": {"tau": "florist_tau"},
 }
@@ -245,14 +248,22 @@ def check_combination(args) -> None:
 
 
 def check_unused_fair_options(args) -> None:
-    """--fair-objective lsq is a closed form: the SGD solver's flags would be ignored, so they are refused."""
-    if args.method != "lorafair" or args.fair_objective != "lsq":
+    """LoRA-FAIR's flags that the chosen objective or solver would ignore are refused: the closed
+    form (--fair-objective lsq) has no solver, and the fixed-point solver solves Eq. 8 as written."""
+    if args.method != "lorafair":
         return
     defaults = get_args_parser().parse_args([])
-    for dest in ("fair_steps", "fair_lr", "fair_init", "fair_similarity"):
+    if args.fair_objective == "lsq":
+        unused, what = ("fair_solver", "fair_steps", "fair_lr", "fair_init", "fair_similarity"), \
+            "--fair-objective lsq (one closed-form solve); drop it, or use --fair-objective cosine"
+    elif args.fair_solver == "fixed-point":
+        unused, what = ("fair_lr", "fair_init", "fair_similarity", "fair_correct"), \
+            "--fair-solver fixed-point (Eq. 8 as written, solved); pass --fair-solver sgd for the published SGD"
+    else:
+        return
+    for dest in unused:
         if getattr(args, dest) != getattr(defaults, dest):
-            raise UserError(f"--{dest.replace('_', '-')} does not apply to --fair-objective lsq (one closed-form "
-                            "solve, no SGD); drop it, or use --fair-objective cosine")
+            raise UserError(f"--{dest.replace('_', '-')} does not apply to {what}")
 
 
 def method_options(args) -> dict:
@@ -306,11 +317,17 @@ def config_of(args) -> dict:
     return {k: v for k, v in sorted(vars(args).items())}
 
 
+def free_keys(method: str) -> set[str]:
+    """Settings that do not change a run of `method`: RESUME_FREE and the other methods' options."""
+    return RESUME_FREE | {dest for m, flags in OPTION_FLAGS.items() if m != method for dest in flags.values()}
+
+
 def config_diff(old: dict, args) -> str:
-    """The settings (outside RESUME_FREE) in which a run's config.json and these arguments differ,
+    """The settings (outside free_keys) in which a run's config.json and these arguments differ,
     as 'key: old vs new, ...' (empty: the same run)."""
     new, defaults = config_of(args), vars(get_args_parser().parse_args([]))
-    diff = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE and old.get(k, defaults.get(k)) != new.get(k))
+    free = free_keys(args.method)
+    diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k, defaults.get(k)) != new.get(k))
     return ", ".join(f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in diff[:4])
 
 

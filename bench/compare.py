@@ -78,6 +78,7 @@ SETTINGS = {   # federated arguments on the six styles
                 "--local-steps", "15"],                                                    # 12 of 60 x 15
 }
 CENTRALISED = ["--method", "fedit", "--centralised", "--lr", "0.01"]   # + the setting's steps a round
+SGD = {"lorafair sgd": ["--method", "lorafair", "--fair-solver", "sgd"]}   # the published solver, beside the default
 LSQ = {   # LoRA-FAIR's closed-form objective (aggregators.lsq_residual): lam 0 (the projection) and the paper's lam
     "lorafair lsq lam 0": ["--method", "lorafair", "--fair-objective", "lsq", "--fair-lam", "0"],
     "lorafair lsq lam 0.01": ["--method", "lorafair", "--fair-objective", "lsq", "--fair-lam", "0.01"],
@@ -90,16 +91,17 @@ PAPER = {   # the paper's methods per table; the ViT feature setting runs every 
     ("partial", "vit"): ["fedit", "flora", "flexlora", "lorafair"],
 }
 ALL = [("feature", "vit"), ("feature", "mixer"), ("label", "vit"), ("partial", "vit")]
-ABLATIONS = {   # each against LoRA-FAIR's defaults (first two rows: the runs of the method comparison)
+ABLATIONS = {   # each against LoRA-FAIR's defaults (first two rows: the runs of the method comparison); the
+                # variants Eq. 8's fixed-point solver does not cover run with the published SGD
     "fedit": ["--method", "fedit"],
     "lorafair": ["--method", "lorafair"],                        # correct B, lam 0.01, dB from zeros
-    "correct A": ["--method", "lorafair", "--fair-correct", "A"],
-    "correct both": ["--method", "lorafair", "--fair-correct", "both"],
+    "correct A": ["--method", "lorafair", "--fair-correct", "A", "--fair-solver", "sgd"],
+    "correct both": ["--method", "lorafair", "--fair-correct", "both", "--fair-solver", "sgd"],
     "lam 0": ["--method", "lorafair", "--fair-lam", "0"],
     "lam 0.001": ["--method", "lorafair", "--fair-lam", "0.001"],
     "lam 0.1": ["--method", "lorafair", "--fair-lam", "0.1"],
-    "dB init xavier": ["--method", "lorafair", "--fair-init", "xavier"],
-    "column cosine": ["--method", "lorafair", "--fair-similarity", "column"],
+    "dB init xavier": ["--method", "lorafair", "--fair-init", "xavier", "--fair-solver", "sgd"],
+    "column cosine": ["--method", "lorafair", "--fair-similarity", "column", "--fair-solver", "sgd"],
     "clients start fresh": ["--method", "lorafair", "--client-init", "fresh"],
     "clients start local": ["--method", "lorafair", "--client-init", "local"],
 }
@@ -136,13 +138,15 @@ def get_args_parser():
 
 def recorded_differences(argv: list[str], out: str) -> tuple[list[str], int]:
     """How the run recorded in <out>/config.json differs from what `argv` asks for (settings that
-    change results; device, workers and the like do not), and the rounds it was run for."""
+    change results; device, workers, other methods' options and the like do not), and the rounds it
+    was run for."""
     with open(os.path.join(out, "config.json")) as f:
         old = json.load(f)
     new = train.config_of(train.resolve(train.get_args_parser().parse_args([*argv, "--out", out])))
     defaults = vars(train.get_args_parser().parse_args([]))
+    free = train.free_keys(new["method"])
     diff = [f"{k}: {old.get(k, defaults.get(k))!r} there, {new.get(k)!r} asked" for k in sorted(set(old) | set(new))
-            if k not in train.RESUME_FREE and old.get(k, defaults.get(k)) != new.get(k)]
+            if k not in free and old.get(k, defaults.get(k)) != new.get(k)]
     return diff, old["rounds"]
 
 
@@ -227,6 +231,8 @@ def cell(args, extra: list[str], setting: str, backbone: str):
         if args.ranks:
             methods = list(AGGREGATORS)
         variants = {m: ["--method", m] for m in methods}
+        if "lorafair" in variants:
+            variants.update(SGD)
         if (args.closed_form or set(only) & set(LSQ)) and not args.ranks:   # asked for, or named in --only
             variants.update(LSQ)
         if not args.ranks:
@@ -307,12 +313,14 @@ def write_table(results, seeds, out, args, setting, backbone, base, fed, central
 def write_curves(results, seeds, out) -> None:
     with open(os.path.join(out, "curves.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["variant", "seed", "round", "mean_acc", "cos", "cos_fedit", "ceiling", "rel_err", "train_loss"])
+        w.writerow(["variant", "seed", "round", "mean_acc", "cos", "cos_fedit", "ceiling", "rel_err", "train_loss",
+                    "scale", "eq8_0", "eq8"])
         for name, runs in results.items():
             for s, r in zip(seeds, runs):
                 for rec in r:
                     w.writerow([name, s, rec["round"], rec.get("acc", {}).get("mean", ""), rec["cos"],
-                                rec.get("cos_fedit", ""), rec.get("ceiling", ""), rec["rel_err"], rec["train_loss"]])
+                                rec.get("cos_fedit", ""), rec.get("ceiling", ""), rec["rel_err"], rec["train_loss"],
+                                rec.get("scale", ""), rec.get("eq8_0", ""), rec.get("eq8", "")])
 
 
 def plot(results, out, title) -> None:
@@ -331,14 +339,20 @@ def plot(results, out, title) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=110)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     for name, runs in results.items():
         if name == "centralised" or not all("ceiling" in rec for rec in runs[0]):
             continue
-        line, = ax.plot([rec["round"] for rec in runs[0]], per_round(runs, "cos"), marker="o", ms=3, label=name)
-        ax.plot([rec["round"] for rec in runs[0]], per_round(runs, "ceiling"), ls=":", color=line.get_color())
+        rounds = [rec["round"] for rec in runs[0]]
+        line, = ax.plot(rounds, per_round(runs, "cos"), marker="o", ms=3, label=name)
+        ax.plot(rounds, per_round(runs, "ceiling"), ls=":", color=line.get_color())
+        if all("scale" in rec for r in runs for rec in r):     # runs logged before the scale: left out
+            bx.plot(rounds, per_round(runs, "scale"), marker="o", ms=3, label=name, color=line.get_color())
     ax.set(xlabel="round", ylabel="cosine to dW, mean over layers and seeds",
            title=f"{title}: achieved (solid) vs ceiling of any refined B (dotted)")
+    bx.set(xlabel="round", ylabel="||dW_applied|| / ||dW||, mean over layers and seeds", yscale="log",
+           title="scale of the applied update (1: that of dW)")
+    bx.axhline(1.0, color="grey", lw=0.5)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "bias.png"), dpi=110)

@@ -8,11 +8,11 @@ import torch
 from aggregators import (AGGREGATORS, Update, fedex, fedit,
                          fedsa, ffa, flexlora, flora, florist, get_aggregator, hetlora, lorafair, rbla, rolora)
 from states import applied_update, bias_bounds, diagnostics
-from tests.reference import (dense_dW, dense_flexlora, dense_florist, dense_hetlora, dense_lorafair,
-                             dense_rbla)
+from tests.reference import (dense_dW, dense_eq8, dense_flexlora, dense_florist, dense_hetlora, dense_lorafair,
+                             dense_rbla, lbfgs_eq8)
 
 D_OUT, D_IN, R = 9, 7, 2
-OPTS = {"rolora": {"phase": "A"}, "lorafair": {"steps": 100}, "florist": {"tau": 1.0}}
+OPTS = {"rolora": {"phase": "A"}, "florist": {"tau": 1.0}}
 
 
 def clients(K=3, lead=(), r=R, d_out=D_OUT, d_in=D_IN, seed=0, method=None, device="cpu"):
@@ -222,7 +222,7 @@ def test_lorafair_improves_cosine_and_keeps_A_bar():
 def test_lorafair_large_lambda_gives_fedit():
     A, B, w = clients(K=4)
     B_bar = avg(B, w)
-    sizes = [torch.linalg.matrix_norm(lorafair(A, B, w, lam=lam, steps=2000).B - B_bar).item()
+    sizes = [torch.linalg.matrix_norm(lorafair(A, B, w, lam=lam).B - B_bar).item()
              for lam in (0.01, 1.0, 90.0)]
     assert sizes[0] > sizes[1] > sizes[2]
     assert sizes[2] < 1e-3 * torch.linalg.matrix_norm(B_bar).item()
@@ -242,11 +242,12 @@ def test_lorafair_lambda_zero_reaches_the_least_squares_bound(similarity):
     A, B, w = clients(K=4, seed=3)
     dW, A_bar = dense_dW(A, B, w), avg(A, w)
     B_star = dW @ A_bar.T @ torch.linalg.inv(A_bar @ A_bar.T)
-    u = lorafair(A, B, w, lam=0.0, steps=3000, lr=2.0, similarity=similarity)
+    u = (lorafair(A, B, w, lam=0.0) if similarity == "flat" else
+         lorafair(A, B, w, solver="sgd", lam=0.0, steps=3000, lr=2.0, similarity=similarity))
     if similarity == "flat":
         bound = cos_flat(dW, B_star @ A_bar)
         got = cos_flat(dW, u.B @ u.A)
-        assert got <= bound + 1e-12 and got > bound - 1e-6
+        assert got <= bound + 1e-12 and got > bound - 1e-12
     else:  # the column objective is maximised too, and never above 1
         from tests.reference import dense_cos
         got = dense_cos(dW, u.B @ u.A, "column").item()
@@ -258,7 +259,7 @@ def test_lorafair_lambda_zero_reaches_the_least_squares_bound(similarity):
 @pytest.mark.parametrize("similarity", ["flat", "column"])
 def test_lorafair_factored_equals_dense(init, similarity, K):
     A, B, w = clients(K=K, lead=(2,), d_out=24, d_in=17, r=3)
-    u = lorafair(A, B, w, steps=300, init=init, similarity=similarity)
+    u = lorafair(A, B, w, solver="sgd", steps=300, init=init, similarity=similarity)
     a, b = dense_lorafair(A, B, w, steps=300, init=init, similarity=similarity)
     torch.testing.assert_close(u.A, a, rtol=0, atol=1e-14)
     dB = b - avg(B, w)
@@ -270,7 +271,7 @@ def test_lorafair_factored_equals_dense(init, similarity, K):
 @pytest.mark.parametrize("similarity", ["flat", "column"])
 def test_lorafair_correcting_A_or_both_factored_equals_dense(correct, similarity, K):
     A, B, w = clients(K=K, lead=(2,), d_out=24, d_in=17, r=3)
-    u = lorafair(A, B, w, steps=200, correct=correct, similarity=similarity, init="xavier", lr=0.05)
+    u = lorafair(A, B, w, solver="sgd", steps=200, correct=correct, similarity=similarity, init="xavier", lr=0.05)
     a, b = dense_lorafair(A, B, w, steps=200, correct=correct, similarity=similarity, init="xavier", lr=0.05)
     A_bar, B_bar = avg(A, w), avg(B, w)
     assert torch.linalg.matrix_norm(u.A - a).max() < 1e-6 * torch.linalg.matrix_norm(a - A_bar).min()
@@ -278,7 +279,7 @@ def test_lorafair_correcting_A_or_both_factored_equals_dense(correct, similarity
         torch.testing.assert_close(u.B, B_bar, rtol=1e-13, atol=1e-15)
     else:
         assert torch.linalg.matrix_norm(u.B - b).max() < 1e-6 * torch.linalg.matrix_norm(b - B_bar).min()
-    v = lorafair(A, B, w, steps=300, correct=correct, similarity=similarity, lr=0.05)
+    v = lorafair(A, B, w, solver="sgd", steps=300, correct=correct, similarity=similarity, lr=0.05)
     dW = dense_dW(A, B, w)
     for i in range(2):
         assert cos_flat(dW[i], v.B[i] @ v.A[i]) > cos_flat(dW[i], B_bar[i] @ A_bar[i])
@@ -286,7 +287,7 @@ def test_lorafair_correcting_A_or_both_factored_equals_dense(correct, similarity
 
 def test_lorafair_rejects_bad_options():
     A, B, w = clients()
-    for kw, msg in [({"lam": 200.0}, "diverge"), ({"init": "normal"}, "init"), ({"similarity": "row"}, "similarity"),
+    for kw, msg in [({"lam": 200.0, "solver": "sgd"}, "diverge"), ({"init": "normal"}, "init"), ({"similarity": "row"}, "similarity"),
                     ({"lr": 0.0}, "lr"), ({"steps": -1}, "steps"), ({"lam": -1.0}, "lam"), ({"correct": "AB"}, "correct")]:
         with pytest.raises(ValueError, match=msg):
             lorafair(A, B, w, **kw)
@@ -294,9 +295,9 @@ def test_lorafair_rejects_bad_options():
 
 def test_lorafair_seeded_xavier_is_reproducible():
     A, B, w = clients()
-    u1, u2 = (lorafair(A, B, w, init="xavier", steps=10, seed=5) for _ in range(2))
+    u1, u2 = (lorafair(A, B, w, solver="sgd", init="xavier", steps=10, seed=5) for _ in range(2))
     assert torch.equal(u1.B, u2.B)
-    assert not torch.equal(u1.B, lorafair(A, B, w, init="xavier", steps=10, seed=6).B)
+    assert not torch.equal(u1.B, lorafair(A, B, w, solver="sgd", init="xavier", steps=10, seed=6).B)
 
 
 def test_xavier_noise_is_drawn_per_layer_by_name():
@@ -306,13 +307,13 @@ def test_xavier_noise_is_drawn_per_layer_by_name():
     A, B = A.clone(), B.clone()
     A[1], B[1] = A[0], B[0]                                     # two identical layers...
     names = ["blocks.0.attn.proj", "blocks.0.mlp.fc2"]
-    u = lorafair(A, B, w, init="xavier", steps=0, seed=5, layer=names)
+    u = lorafair(A, B, w, solver="sgd", init="xavier", steps=0, seed=5, layer=names)
     fedit_B = fedit(A, B, w).B
     noise = u.B - fedit_B                                        # steps=0: the residual is the noise itself
     assert not torch.allclose(noise[0], noise[1])               # ...get different noise
     bound = (6 / (D_OUT + R)) ** 0.5
     assert noise.abs().max() <= bound and noise.abs().max() > 0.5 * bound
-    alone = lorafair(A[1], B[1], w, init="xavier", steps=0, seed=5, layer=names[1])
+    alone = lorafair(A[1], B[1], w, solver="sgd", init="xavier", steps=0, seed=5, layer=names[1])
     # the noise is drawn bit for bit alike; B_bar, a batched vs a single product, may differ in its
     # last bits on some CPUs (ATEN_CPU_CAPABILITY, MKL_CBWR), so: a few float64 ulps of |B|
     ulps = 8 * torch.finfo(torch.float64).eps * B.abs().max().item()
@@ -538,9 +539,9 @@ def test_florist_folds_the_energy_share_tau(tau):
 
 def test_lorafair_refines_the_padded_average():
     A, B, w = hetero_clients()
-    u = lorafair(A, B, w, ranks=RANKS, steps=200)
-    cos_fair, _ = diagnostics(u, A, B, w)
-    cos_fedit, _ = diagnostics(fedit(A, B, w, ranks=RANKS), A, B, w)
+    u = lorafair(A, B, w, solver="sgd", ranks=RANKS, steps=200)
+    cos_fair, *_ = diagnostics(u, A, B, w)
+    cos_fedit, *_ = diagnostics(fedit(A, B, w, ranks=RANKS), A, B, w)
     assert cos_fair > cos_fedit and torch.equal(u.A, fedit(A, B, w).A)
 
 
@@ -603,7 +604,7 @@ def test_lsq_at_lam_zero_is_the_projection_and_reaches_the_ceiling():
     _, ceiling = bias_bounds(A, B, w)
     torch.testing.assert_close(cos(dW, u.B @ u.A), ceiling, rtol=1e-10, atol=1e-12)
     for steps, lr in ((1000, 0.01), (3000, 0.5)):                                # the paper's SGD never beats it
-        sgd = lorafair(A, B, w, steps=steps, lr=lr, lam=0.0)
+        sgd = lorafair(A, B, w, solver="sgd", steps=steps, lr=lr, lam=0.0)
         assert (cos(dW, sgd.B @ sgd.A) <= cos(dW, u.B @ u.A) + 1e-12).all()
     far = lorafair(A, B, w, objective="lsq", lam=1e12)                           # lam -> infinity: FedIT
     torch.testing.assert_close(far.B, avg(B, w), rtol=1e-9, atol=1e-9)
@@ -643,7 +644,7 @@ def test_lsq_with_heterogeneous_ranks_refines_the_padded_average():
     u = lorafair(A, B, w, ranks=RANKS, objective="lsq", lam=0.0)
     torch.testing.assert_close(u.B, lorafair(A, B, w, objective="lsq", lam=0.0).B)   # padding is zero
     _, ceiling = bias_bounds(A, B, w)
-    cos, _ = diagnostics(u, A, B, w)
+    cos, *_ = diagnostics(u, A, B, w)
     torch.testing.assert_close(cos, ceiling, rtol=1e-9, atol=1e-10)
     with pytest.raises(ValueError, match="client 0's A is not zero beyond its rank"):
         bad = A.clone()
@@ -654,5 +655,110 @@ def test_lsq_with_heterogeneous_ranks_refines_the_padded_average():
 @pytest.mark.parametrize("option", [{"steps": 5}, {"lr": 0.1}, {"init": "xavier"}, {"similarity": "column"}])
 def test_lsq_refuses_the_sgd_options_it_would_ignore(option):
     A, B, w = clients()
-    with pytest.raises(ValueError, match="closed form: steps, lr, init and similarity do not apply"):
+    with pytest.raises(ValueError, match="closed form: solver, steps, lr, init and similarity do not apply"):
         lorafair(A, B, w, objective="lsq", **option)
+
+
+# ----------------------------------------------------------------------------- Eq. 8 solved (solver='fixed-point')
+
+def near_init(K, r=4, d_out=12, d_in=10, b_norm=1e-3, drift=0.05, seed=0, ranks=None):
+    """Clients as in a real round: A_k near one shared init, B_k small (||B_k|| ~ b_norm); with
+    ranks, zero-padded past each client's rank."""
+    g = torch.Generator().manual_seed(seed)
+    A0 = torch.randn(r, d_in, generator=g, dtype=torch.float64) / d_in ** 0.5
+    A = A0 + drift * torch.randn(K, r, d_in, generator=g, dtype=torch.float64) / d_in ** 0.5
+    B = b_norm * torch.randn(K, d_out, r, generator=g, dtype=torch.float64) / (d_out * r) ** 0.5
+    if ranks is not None:
+        keep = (torch.arange(r) < torch.tensor(ranks)[:, None]).double()              # (K, r)
+        A, B = A * keep[:, :, None], B * keep[:, None, :]
+    w = torch.rand(K, generator=g, dtype=torch.float64) + 0.1
+    return A, B, w / w.sum()
+
+
+def scale_ratio(A, B, w, B_new):
+    """||B' A_bar|| / max(||B_bar A_bar||, ||dW||)."""
+    A_bar = avg(A, w)
+    return ((B_new.double() @ A_bar).norm() / max((avg(B, w) @ A_bar).norm(), dense_dW(A, B, w).norm())).item()
+
+
+@pytest.mark.parametrize("K", [1, 6, 100])
+@pytest.mark.parametrize("b_norm", [1e-8, 1e-4, 1e-2, 1.0, 1e2])
+def test_eq8_solved_never_worse_than_no_correction_and_never_inflated(b_norm, K):
+    A, B, w = near_init(K, b_norm=b_norm, drift=0.3)
+    u = lorafair(A, B, w)
+    f0, f = (dense_eq8(A, B, w, X, 0.01).item() for X in (avg(B, w), u.B))
+    assert f <= f0 + 1e-14
+    assert scale_ratio(A, B, w, u.B) <= 2 * (1 + 1e-12)
+    if K > 1 and b_norm <= 1e-2:                       # small B: Eq. 8 is about the direction, and reaches it
+        assert f < f0 - 1e-6
+
+
+@pytest.mark.parametrize("lam", [0.001, 0.01, 0.1, 1.0])
+@pytest.mark.parametrize("b_norm, drift, K", [(1e-3, 0.05, 6), (1.0, 0.5, 6), (1e-2, 1.0, 30), (10.0, 0.2, 2)])
+def test_eq8_fixed_point_reaches_the_minimum_a_dense_lbfgs_finds(b_norm, drift, K, lam):
+    A, B, w = near_init(K, r=4, d_out=16, d_in=12, b_norm=b_norm, drift=drift)
+    f = dense_eq8(A, B, w, lorafair(A, B, w, lam=lam).B, lam).item()
+    assert f <= lbfgs_eq8(A, B, w, lam) + 1e-12
+
+
+def test_eq8_with_heterogeneous_ranks_is_the_unpadded_solution():
+    """Ranks 1, 2, 2 padded to R = 4: slots 2 and 3 belong to nobody and stay zero; slots 0, 1 are
+    what the same clients give unpadded at R = 2."""
+    A, B, w = near_init(3, r=4, ranks=[1, 2, 2], b_norm=1e-3, drift=0.3)
+    u = lorafair(A, B, w, ranks=[1, 2, 2])
+    small = lorafair(A[:, :2].contiguous(), B[:, :, :2].contiguous(), w, ranks=[1, 2, 2])
+    torch.testing.assert_close(u.B[:, :2], small.B, rtol=1e-9, atol=1e-15)
+    assert u.B[:, 2:].abs().max() <= 1e-12 * u.B.abs().max()
+    f0, f = (dense_eq8(A, B, w, X, 0.01).item() for X in (avg(B, w), u.B))
+    assert f < f0 and scale_ratio(A, B, w, u.B) <= 2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_eq8_in_half_precision_keeps_the_guarantee_to_the_dtype_rounding(dtype):
+    A, B, w = near_init(6, b_norm=1e-2, drift=0.3)
+    A, B = A.to(dtype), B.to(dtype)
+    u = lorafair(A, B, w)
+    eps = torch.finfo(dtype).eps
+    assert u.B.dtype == dtype
+    f0, f = (dense_eq8(A, B, w, X, 0.01).item() for X in (avg(B.double(), w), u.B))
+    assert f <= f0 + 4 * eps and scale_ratio(A.double(), B.double(), w, u.B) <= 2 * (1 + 4 * eps)
+
+
+def test_eq8_where_B_bar_A_bar_is_zero_follows_its_rule():
+    """B_bar = 0 while dW != 0 (two clients' B cancel): Eq. 8 has no minimiser, and the rule gives
+    the least-squares B' = C G^+, whose product is dW's projection onto A_bar's rows."""
+    A, B, _ = near_init(2, drift=0.5, b_norm=1.0)
+    w = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    B[1] = -B[0] * (0.25 / 0.75)
+    assert avg(B, w).abs().max() < 1e-15 and dense_dW(A, B, w).norm() > 0.1
+    u = lorafair(A, B, w)
+    A_bar, dW = avg(A, w), dense_dW(A, B, w)
+    P = A_bar.T @ torch.linalg.pinv(A_bar @ A_bar.T) @ A_bar
+    torch.testing.assert_close(u.B @ A_bar, dW @ P, rtol=1e-9, atol=1e-12)
+
+
+def test_eq8_at_lam_zero_is_the_ceiling_at_the_scale_of_B_bar():
+    A, B, w = near_init(6, drift=0.3)
+    u = lorafair(A, B, w, lam=0.0)
+    A_bar, dW, B_bar = avg(A, w), dense_dW(A, B, w), avg(B, w)
+    star = dW @ A_bar.T @ torch.linalg.pinv(A_bar @ A_bar.T)
+    torch.testing.assert_close(u.B, star * (star * B_bar).sum() / star.square().sum(), rtol=1e-10, atol=1e-15)
+
+
+def test_the_published_sgd_makes_eq8_worse_where_the_fixed_point_does_not():
+    """The measured defect, kept as a fact: from a small B_bar, 1000 SGD steps at lr 0.01 inflate
+    B' A_bar far past dW and end above Eq. 8 at dB = 0; the default solver does neither."""
+    A, B, w = near_init(6, r=8, d_out=64, d_in=64, b_norm=1e-3, drift=0.05)
+    f0 = dense_eq8(A, B, w, avg(B, w), 0.01).item()
+    sgd, fixed = lorafair(A, B, w, solver="sgd"), lorafair(A, B, w)
+    assert dense_eq8(A, B, w, sgd.B, 0.01).item() > f0 and scale_ratio(A, B, w, sgd.B) > 10
+    assert dense_eq8(A, B, w, fixed.B, 0.01).item() < f0 and scale_ratio(A, B, w, fixed.B) < 1.01
+
+
+def test_fixed_point_refuses_the_options_of_sgd():
+    A, B, w = clients()
+    for kw in ({"lr": 0.1}, {"init": "xavier"}, {"similarity": "column"}, {"correct": "A"}):
+        with pytest.raises(ValueError, match="pass solver='sgd' for them"):
+            lorafair(A, B, w, **kw)
+    with pytest.raises(ValueError, match="solver must be 'fixed-point' or 'sgd'"):
+        lorafair(A, B, w, solver="adam")

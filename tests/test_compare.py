@@ -80,7 +80,9 @@ def test_all_runs_every_cell_in_one_pool_each_shared_run_once_longest_first(tmp_
     methods = sum(len(compare.PAPER[c]) for c in compare.ALL)
     centralised = {out for name, argv, out in jobs if name == "centralised"}
     assert len(centralised) == 3 * 2                                  # ViT 180 and 450 steps, Mixer 180: 2 seeds each
-    assert len(jobs) == 2 * (methods + 4)                             # feature and partial plan the same reference
+    assert len(jobs) == 2 * (methods + 4 + 4)                         # feature and partial plan the same reference;
+    sgd = [argv for name, argv, _ in jobs if name == "lorafair sgd"]  # every cell's published-SGD row
+    assert len(sgd) == 2 * 4 and all(a[a.index("--fair-solver") + 1] == "sgd" for a in sgd)
     assert all(out.startswith(str(tmp_path)) for _, _, out in jobs)
     assert not any(name.startswith("lorafair lsq") for name, _, _ in jobs)   # the closed form only when asked
     assert set(reported) == {out for _, _, out in jobs}               # every table reads what was planned

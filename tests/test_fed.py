@@ -35,9 +35,13 @@ def test_round_runs_and_logs_diagnostics(method):
     if method in ("flora", "fedex", "ffa", "rolora"):      # exact methods
         assert rec["cos"] == pytest.approx(1.0, abs=1e-5) and rec["rel_err"] < 1e-3
     for layer in rec["layers"].values():                  # FedIT <= ceiling; LoRA-FAIR (keeps A_bar) <= ceiling
-        assert layer["cos_fedit"] <= layer["ceiling"] + 1e-9
-        if method == "lorafair":
+        assert layer["cos_fedit"] <= layer["ceiling"] + 1e-9 and layer["scale"] > 0
+        if method == "lorafair":                          # Eq. 8 solved: never above dB = 0, never inflated
             assert layer["cos"] <= layer["ceiling"] + 1e-6
+            assert layer["eq8"] <= layer["eq8_0"] + 1e-12 and layer["scale"] <= 2 * (1 + 1e-6)
+        else:
+            assert "eq8" not in layer
+    assert ("eq8" in rec) == ("eq8_0" in rec) == (method == "lorafair")
     assert len(rec["layers"]) == len(a_keys(fed)) and rec["ceiling"] <= 1
     acc = fed.evaluate()
     assert set(acc) == {"clipart", "sketch", "quickdraw", "mean"}

@@ -5,8 +5,8 @@ import torch
 
 from aggregators import AGGREGATORS, fedit, lorafair
 from states import aggregate_states, bias_bounds, diagnostics
-from tests.reference import dense_dW
-from tests.test_aggregators import OPTS, R, avg, clients, run
+from tests.reference import dense_dW, dense_eq8
+from tests.test_aggregators import OPTS, R, avg, clients, product, run
 
 
 def client_states(K=3, seed=0):
@@ -40,8 +40,15 @@ def test_aggregate_states_matches_per_layer_calls_and_fedavgs_the_head(method):
             assert (got is None) == (want is None)
             if want is not None:
                 torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-        cos, rel = diagnostics(u, A, B, w)
+        cos, rel, scale = diagnostics(u, A, B, w)
         assert out.cos[p] == pytest.approx(cos.item()) and out.rel_err[p] == pytest.approx(rel.item())
+        applied = product(u, A, B, w)                     # ||dW_applied|| / ||dW||, formed here
+        assert out.scale[p] == pytest.approx((applied.norm() / dense_dW(A, B, w).norm()).item(), rel=1e-9)
+        if method == "lorafair":                          # Eq. 8 at dB = 0 and at its dB, formed densely
+            want = [dense_eq8(A, B, w, X, 0.01).item() for X in (avg(B, w), u.B)]
+            assert out.eq8[p] == pytest.approx(want, rel=1e-9, abs=1e-15) and out.eq8[p][1] <= out.eq8[p][0]
+        else:
+            assert p not in out.eq8
 
 
 def test_aggregate_states_bad_input():
@@ -215,7 +222,7 @@ def test_aggregators_and_states_work_copied_alone(tmp_path):
         "sys.meta_path.insert(0, Block())\n"
         "from states import aggregate_states\n"
         "s = [{'l.lora_A.weight': torch.ones(1, 3) * k, 'l.lora_B.weight': torch.ones(2, 1)} for k in (1, 3)]\n"
-        "out = aggregate_states(s, [0.5, 0.5], 'lorafair', steps=5)\n"
+        "out = aggregate_states(s, [0.5, 0.5], 'lorafair')\n"
         "assert torch.equal(out.state['l.lora_A.weight'], torch.full((1, 3), 2.0))\n"
         "print('ok')\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
@@ -249,9 +256,10 @@ def test_bias_bounds_against_the_dense_projection():
     for seed in range(20):                                                      # and no B' goes beyond
         Bp = torch.randn(B_star.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         assert (cos(dW, (B_star + 0.1 * Bp) @ A_bar) <= ceiling + 1e-12).all()
-    fair = lorafair(A, B, w, steps=300, lr=0.5, lam=0.0)
-    assert (cos(dW, fair.B @ fair.A) <= ceiling + 1e-12).all()
-    assert (cos(dW, fair.B @ fair.A) > fedit_cos).all()
+    for fair in (lorafair(A, B, w, solver="sgd", steps=300, lr=0.5, lam=0.0), lorafair(A, B, w, lam=0.0)):
+        assert (cos(dW, fair.B @ fair.A) <= ceiling + 1e-12).all()
+        assert (cos(dW, fair.B @ fair.A) > fedit_cos).all()
+    torch.testing.assert_close(cos(dW, fair.B @ fair.A), ceiling, rtol=1e-12, atol=1e-12)   # solved: reached
     A_low = A.clone()
     A_low[..., 2, :] = A_low[..., 1, :]                                         # rank-deficient A_bar: pinv
     _, ceiling_low = bias_bounds(A_low, B, w)
@@ -263,10 +271,10 @@ def test_bias_bounds_against_the_dense_projection():
 
 def test_diagnostics_measure_the_bias():
     A, B, w = clients(K=4)
-    cos, rel = diagnostics(fedit(A, B, w), A, B, w)
+    cos, rel, _ = diagnostics(fedit(A, B, w), A, B, w)
     assert cos < 0.99 and rel > 0.05
     for method in ("flora", "fedex"):
-        cos, rel = diagnostics(run(method, A, B, w), A, B, w)
+        cos, rel, scale = diagnostics(run(method, A, B, w), A, B, w)
         assert cos == pytest.approx(1.0, abs=1e-12) and rel < 1e-12
-    cos_fair, _ = diagnostics(lorafair(A, B, w), A, B, w)
+    cos_fair, *_ = diagnostics(lorafair(A, B, w), A, B, w)
     assert cos_fair > diagnostics(fedit(A, B, w), A, B, w)[0]
