@@ -164,7 +164,7 @@ def test_server_step(benchmark, machine, method, geometry, K, r):
     w = torch.full((K,), 1.0 / K, device=dev)
     fn, kw = AGGREGATORS[method], {"phase": "A"} if method == "rolora" else {}
     if method == "lorafair":
-        kw = {"steps": FAIR_STEPS}
+        kw = {"solver": "sgd", "steps": FAIR_STEPS}
     benchmark.pedantic(lambda: [fn(A, B, w, **kw) for A, B in data] and sync(dev), rounds=2, iterations=1,
                        warmup_rounds=1)
     fast = benchmark.stats.stats.min
@@ -191,7 +191,8 @@ def test_server_step_heterogeneous(benchmark, machine, method, geometry, K):
     data = inputs(geometry, K, R, method, dev, ranks)
     w = torch.full((K,), 1.0 / K, device=dev)
     fn = AGGREGATORS[method]
-    kw = {"phase": "B" if method == "rolora" else None, "steps": FAIR_STEPS if method == "lorafair" else None}
+    kw = {"phase": "B" if method == "rolora" else None, "steps": FAIR_STEPS if method == "lorafair" else None,
+          "solver": "sgd" if method == "lorafair" else None}
     kw = {k: v for k, v in kw.items() if v is not None}
     if method == "rolora":        # phase 'B' shares A; the inputs share B, so take phase 'A'
         kw["phase"] = "A"
@@ -225,7 +226,7 @@ def test_lorafair_lsq_against_the_sgd_round(benchmark, machine, geometry, K, r):
     fn = AGGREGATORS["lorafair"]
     benchmark.pedantic(lambda: [fn(A, B, w, objective="lsq", lam=0.01) for A, B in data] and sync(dev), rounds=2,
                        iterations=1, warmup_rounds=1)
-    t1, t2 = (timeit(lambda: [fn(A, B, w, steps=n) for A, B in data] and sync(dev), dev, repeat=2)
+    t1, t2 = (timeit(lambda: [fn(A, B, w, solver="sgd", steps=n) for A, B in data] and sync(dev), dev, repeat=2)
               for n in (FAIR_STEPS, 2 * FAIR_STEPS))
     sgd = t1 + (1000 - FAIR_STEPS) * max(t2 - t1, 0) / FAIR_STEPS      # setup once, then 1000 steps
     LSQ_ROWS.append(dict(device=dev, geometry=geometry, K=K, r=r, lsq=benchmark.stats.stats.min, sgd=sgd))

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--rounds", "3", "--eval-every", "100", "--no-progress", "--fair-steps", "1000"]
+ARGS = ["--rounds", "3", "--eval-every", "100", "--no-progress", "--fair-solver", "sgd", "--fair-steps", "1000"]
 
 
 def round_seconds(out):
