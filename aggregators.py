@@ -451,8 +451,9 @@ def lsq_residual(B_bar: Tensor, C: Tensor, G: Tensor, nX: Tensor, lam: float) ->
 
         dB = argmin ||dW - (B_bar + dB) A_bar||_F^2 / ||dW||_F^2 + lam ||dB||_F^2.
 
-    The data term is divided by ||dW||^2 so that it is O(1), like the cosine loss, and a value of
-    lam weighs the same against it in both objectives. Setting the gradient to zero,
+    The data term is divided by ||dW||^2 so that it is O(1), like the cosine loss. Near the optimum
+    1 - cos is half of it (||x - y||^2 = 2 (1 - cos) for unit vectors), so this objective at lam
+    weighs dB as Eq. 8 does at lam / 2. Setting the gradient to zero,
     (dB A_bar - R) A_bar^T / ||dW||^2 + lam dB = 0 with R = dW - B_bar A_bar, gives
 
         dB = (C - B_bar G) (G + lam ||dW||^2 I)^-1,   C = dW A_bar^T,  G = A_bar A_bar^T,
