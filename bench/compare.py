@@ -14,7 +14,10 @@ Every variant runs train.py with the same settings, once per seed, `--jobs` at a
 processes of one thread each; with --all the cells share one pool, longest runs first). Each cell
 has its folder under --out (default bench/results). A run already there is reused when finished
 and resumed when not, but only if its config.json records the same settings (otherwise this stops
-and says what differs). Writes to each cell's folder: table.md (per-domain top-1, mean +- std
+and says what differs). A finished run needs only its config.json and metrics.jsonl, which are
+committed: the same command rebuilds a committed table and its plots without rerunning anything.
+A table is never overwritten by one of fewer seeds or variants (that goes to table-partial.md);
+each names the sha256 of the embedded backbone it used. Writes to each cell's folder: table.md (per-domain top-1, mean +- std
 over seeds, and each method's paired difference to FedIT over the same seeds with a 95% t
 interval), curves.csv (per round: accuracy, cos(dW, dW_applied), FedIT's cosine and the ceiling of
 any refined B), curves.png (accuracy per round) and bias.png (the cosines per round against the
@@ -165,7 +168,7 @@ def plan(name: str, argv: list[str], out: str) -> list[str] | None:
                              "pass another --out, or delete that folder to rerun it")
         if done > rounds:
             raise SystemExit(f"{name}: {out} holds a run of {done} rounds, {rounds} asked; pass another --out")
-        if done == rounds and os.path.isfile(os.path.join(out, "final.safetensors")):
+        if done == rounds and len(metrics(out)) == rounds:     # config.json and metrics.jsonl suffice
             print(f"== {name}: reusing {out} (same settings, {rounds} rounds)", file=sys.stderr)
             return None
     return [*argv, "--out", out, "--no-progress", *(["--resume"] if started else [])]
@@ -200,8 +203,35 @@ def run_all(jobs: list[tuple[str, list[str], str]], parallel: int) -> None:
 
 
 def metrics(out: str) -> list[dict]:
+    if not os.path.isfile(os.path.join(out, "metrics.jsonl")):
+        return []
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def backbone_note(base: list[str]) -> str:
+    """The embedded backbone's file and sha256 (the weights every run of the table used), or ''."""
+    a = train.get_args_parser().parse_args(base)
+    if a.model not in SHAPES_MODELS or not a.pretrained or a.checkpoint:
+        return ""
+    import hashlib
+    path = pretrained_shapes_backbone(model=a.model, progress=False)
+    with open(path, "rb") as f:
+        return f"Backbone: `{os.path.basename(path)}`, sha256 `{hashlib.sha256(f.read()).hexdigest()}`"
+
+
+def keeps_a_fuller_table(out: str, seeds: list[int], names: list[str]) -> bool:
+    """Whether <out>/table.md already holds more seeds, or variants these results lack: then it is
+    not overwritten (a partial run writes table-partial.md beside it)."""
+    path = os.path.join(out, "table.md")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        lines = f.read().splitlines()
+    had = int(lines[0].split(": ", 1)[1].split(" seeds")[0])
+    rows = {line.split(" | ")[0].lstrip("| ").split(" (")[0] for line in lines if line.startswith("| ")
+            and not line.startswith(("| method", "|---"))}
+    return had > len(seeds) or not rows <= set(names)
 
 
 def fmt(xs: list[float]) -> str:
@@ -270,13 +300,18 @@ def cell(args, extra: list[str], setting: str, backbone: str):
 
     def report():
         results = {name: [metrics(os.path.join(folder[name], f"seed{s}")) for s in seeds] for name in variants}
-        write_table(results, seeds, out, args, setting, backbone, base, fed, variants.get("centralised"))
-        write_curves(results, seeds, out)
-        plot(results, out, f"{tag}")
+        suffix = "-partial" if keeps_a_fuller_table(out, seeds, list(variants)) else ""
+        if suffix:
+            print(f"{out}/table.md holds more seeds or variants than this run; writing table{suffix}.md, "
+                  f"curves{suffix}.csv and plots beside it (the full table: the same command without "
+                  "--only / with every seed)", file=sys.stderr)
+        write_table(results, seeds, out, args, setting, backbone, base, fed, variants.get("centralised"), suffix)
+        write_curves(results, seeds, out, suffix)
+        plot(results, out, f"{tag}", suffix)
     return jobs, report
 
 
-def write_table(results, seeds, out, args, setting, backbone, base, fed, centralised=None) -> None:
+def write_table(results, seeds, out, args, setting, backbone, base, fed, centralised=None, suffix="") -> None:
     first = results[next(iter(results))][0][-1]["acc"]
     domains = [k for k in first if k != "mean"]
     ref = results.get("fedit") or results.get("lorafair")
@@ -304,14 +339,17 @@ def write_table(results, seeds, out, args, setting, backbone, base, fed, central
     lines += ["", "Command: `python bench/compare.py " + " ".join(sys.argv[1:]) + "`",
               "Settings: `" + " ".join(base + fed) + "`"
               + (f" (centralised: `{' '.join(centralised)}`)" if centralised else "")]
+    note = backbone_note(base)
+    if note:
+        lines.append(note)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "table.md"), "w") as f:
+    with open(os.path.join(out, f"table{suffix}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def write_curves(results, seeds, out) -> None:
-    with open(os.path.join(out, "curves.csv"), "w", newline="") as f:
+def write_curves(results, seeds, out, suffix="") -> None:
+    with open(os.path.join(out, f"curves{suffix}.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["variant", "seed", "round", "mean_acc", "cos", "cos_fedit", "ceiling", "rel_err", "train_loss",
                     "scale", "eq8_0", "eq8"])
@@ -323,7 +361,7 @@ def write_curves(results, seeds, out) -> None:
                                 rec.get("scale", ""), rec.get("eq8_0", ""), rec.get("eq8", "")])
 
 
-def plot(results, out, title) -> None:
+def plot(results, out, title, suffix="") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -337,7 +375,7 @@ def plot(results, out, title) -> None:
     ax.set(xlabel="round", ylabel="mean top-1 (%)", title=f"{title}: global model, mean over seeds")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "curves.png"), dpi=110)
+    fig.savefig(os.path.join(out, f"curves{suffix}.png"), dpi=110)
     plt.close(fig)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     for name, runs in results.items():
@@ -355,7 +393,7 @@ def plot(results, out, title) -> None:
     bx.axhline(1.0, color="grey", lw=0.5)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "bias.png"), dpi=110)
+    fig.savefig(os.path.join(out, f"bias{suffix}.png"), dpi=110)
     plt.close(fig)
 
 

@@ -24,6 +24,21 @@ def test_a_run_is_reused_only_with_the_same_settings(tmp_path, capsys):
     first_round = compare.metrics(out)[0]
     compare.run_all([("fedit", more, out)], 1)
     assert [r["round"] for r in compare.metrics(out)] == [1, 2] and compare.metrics(out)[0] == first_round
+    import os                                                               # as committed: config and metrics only
+    for name in os.listdir(out):
+        if name not in ("config.json", "metrics.jsonl"):
+            path = os.path.join(out, name)
+            os.remove(path) if os.path.isfile(path) else __import__("shutil").rmtree(path)
+    assert compare.plan("fedit", more, out) is None                         # rebuilt from them, not rerun
+
+
+def test_a_table_is_never_replaced_by_one_of_fewer_seeds_or_variants(tmp_path):
+    head = "shapes, setting feature, backbone vit: {} seeds ({}), top-1 % ...\n\n| method | x |\n|---|---|\n"
+    (tmp_path / "table.md").write_text(head.format(5, "0,1,2,3,4") + "| fedit | 1 |\n| hetlora (aggregation step only) | 2 |\n")
+    assert compare.keeps_a_fuller_table(str(tmp_path), [0, 1], ["fedit", "hetlora"])        # fewer seeds
+    assert compare.keeps_a_fuller_table(str(tmp_path), [0, 1, 2, 3, 4], ["fedit"])          # fewer variants
+    assert not compare.keeps_a_fuller_table(str(tmp_path), [0, 1, 2, 3, 4], ["fedit", "hetlora", "flora"])
+    assert not compare.keeps_a_fuller_table(str(tmp_path / "none"), [0], ["fedit"])
 
 
 def test_paired_difference_and_its_t_interval():
