@@ -35,15 +35,12 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from aggregators import weighted_mean
-from states import aggregate_states
+from states import aggregate_states, keep_unheld
 from data import DataError, DomainData
 from lora import fold_into_base, load_lora_state, lora_layers, reset_lora, trainable_state
 
 FOLDS = ("flora", "fedex", "florist")         # fold an update into W0 every round
 RESTARTS = ("flora", "florist")               # clients start every round from a fresh LoRA (A random, B = 0)
-# methods that keep the global adapter slot by slot (row i of A, column i of B): a slot that no
-# participant of the round holds keeps its previous global value (`carry_unheld`)
-PER_SLOT = ("fedit", "ffa", "fedex", "fedsa", "rolora", "lorafair", "hetlora", "rbla")
 
 
 @dataclass
@@ -143,8 +140,8 @@ class Federation:
 
     @torch.no_grad()
     def start_client(self, client: Client, glob: dict[str, Tensor], phase: Optional[str] = None) -> None:
-        """Every method starts from the global adapter and head; FedSA swaps in the client's own B,
-        client_init='local' the client's whole last adapter. A client of rank r_k takes the leading
+        """Every method starts from the global adapter and head; FedSA swaps in the client's own B
+        (its initial B the first time it is drawn), client_init='local' the client's whole last adapter. A client of rank r_k takes the leading
         r_k rows of A and columns of B, and the factor it trains divided by s_k / s_G, so that its
         adapter, at its own scaling s_k, adds what the global one does (aggregators.client_factors)."""
         load_lora_state(self.model, glob)
@@ -350,7 +347,8 @@ class Federation:
         if cfg.method == "fedsa":   # the global B (for global evaluation) is B_bar; clients keep their own
             for key in self.b_keys:
                 new[key] = weighted_mean(torch.stack([u[key] for u in uploads]), w.to(uploads[0][key]))
-        new = self.carry_unheld(new, glob, max(self.clients[k].rank or self.R for k in kept), phase)
+        # what no client trained keeps its global value: frozen factors, unheld rank slots (states.py)
+        new = keep_unheld(new, glob, cfg.method, [self.clients[k].rank or self.R for k in kept], phase)
         new = self.from_lead({key: new[key] for key in glob})    # rank 0's result everywhere, folds too,
         load_lora_state(self.model, new)                         # so last-bit differences never accumulate
         if agg.delta_w:
@@ -380,36 +378,6 @@ class Federation:
     def folds(self) -> bool:
         """Whether this run changes the backbone's weights (FLoRA, FedEx-LoRA, FLoRIST, client_init='fresh')."""
         return self.cfg.method in FOLDS or self.cfg.client_init == "fresh"
-
-    def frozen(self, phase: Optional[str]) -> list[str]:
-        """The factor the round's clients do not train: FFA-LoRA's A, RoLoRA's other factor."""
-        if self.cfg.method == "ffa":
-            return self.a_keys
-        if self.cfg.method == "rolora":
-            return self.b_keys if phase == "A" else self.a_keys
-        return []
-
-    def carry_unheld(self, new: dict[str, Tensor], glob: dict[str, Tensor], held: int,
-                     phase: Optional[str]) -> dict[str, Tensor]:
-        """What no client trained this round keeps its global value, so that no rank slot is lost:
-
-        - a frozen factor (`frozen`) is the global one, never a participant's copy, which is zero
-          past that client's rank;
-        - for the methods that keep the adapter slot by slot (PER_SLOT), slots held >= `held`, the
-          largest rank among the round's participants, keep their previous global rows of A and
-          columns of B. The aggregators see those slots as zero padding in every client and would
-          return zeros there; a slot zero in both A and B has zero gradients and never trains again.
-        The methods that re-factorise dW (FlexLoRA) or restart LoRA (FLoRA, FLoRIST) are left alone.
-        """
-        out = dict(new)
-        for key in self.frozen(phase):
-            out[key] = glob[key]
-        if held < self.R and self.cfg.method in PER_SLOT:
-            for key in self.a_keys:                                       # A: (R, d_in)
-                out[key] = torch.cat([out[key][:held], glob[key][held:]])
-            for key in self.b_keys:                                       # B: (d_out, R)
-                out[key] = torch.cat([out[key][:, :held], glob[key][:, held:]], dim=1)
-        return out
 
     def from_lead(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         """torch.distributed: rank 0's values of `tensors` on every process (one broadcast per dtype),
@@ -448,9 +416,11 @@ class Federation:
             down += len(ranks) * sum(d.numel() * d.element_size() for d in delta_w.values())
         if method == "flora":
             down = len(ranks) * (sum(size(self.a_keys + self.b_keys, r) for r in ranks) + size(head))
-        if method == "florist":   # the truncated factors U_m S_m, V_m^T of each layer, m = rank(delta_w)
-            per = sum(int(torch.linalg.matrix_rank(d.float())) * sum(d.shape) * upload[self.b_keys[0]].element_size()
-                      for d in delta_w.values())
+        if method == "florist":   # the truncated factors U_m S_m, V_m^T of each layer, m = rank(delta_w),
+            # counting components above max(d) eps (of delta_w's dtype) times the largest: its rounding
+            # noise stays below that, and a smaller kept component carries nothing at that precision
+            per = sum(int(torch.linalg.matrix_rank(d.float(), rtol=max(d.shape) * torch.finfo(d.dtype).eps))
+                      * sum(d.shape) * upload[self.b_keys[0]].element_size() for d in delta_w.values())
             down = len(ranks) * (per + size(head))
         return {"up": int(up), "down": int(down)}
 
@@ -516,7 +486,8 @@ class Federation:
     def evaluate(self) -> dict[str, float]:
         """Top-1 of the global model on each domain's test split, and their mean (the paper's metric).
 
-        FedSA-LoRA is personalised: a domain is scored with each of its clients' own B, averaged.
+        FedSA-LoRA is personalised: a domain is scored with each of its clients' own B, averaged (a
+        client never drawn yet with its initial B, the model it would start from).
         Unreadable test images are left out (not scored as wrong) and counted in `unreadable_test`.
         Under torch.distributed every process calls this: the (domain, adapter) evaluations are
         shared out round-robin and their counts summed with one all_reduce, so no process waits
@@ -525,13 +496,13 @@ class Federation:
         glob = trainable_state(self.model)
         items = []                                       # (domain index, client whose own adapter, or None)
         for d in range(len(self.domains)):
-            own = [c for c in self.clients if c.domain == d and c.state] if self.cfg.method == "fedsa" else []
+            own = [c for c in self.clients if c.domain == d] if self.cfg.method == "fedsa" else []
             items += [(d, c) for c in own] or [(d, None)]
         found = torch.zeros(len(items), 3, dtype=torch.long)                 # (items, 3): correct, readable, bad
         for i in range(self.rank, len(items), self.world):
             d, c = items[i]
-            if c is not None:
-                load_lora_state(self.model, c.state)
+            if c is not None:                        # never drawn yet: its initial B, as it would start
+                load_lora_state(self.model, c.state or self.own_init)
                 self.set_scaling(c.scale or self.scale)
             found[i] = torch.tensor(self.counts(self.domains[d].test))
             if c is not None:

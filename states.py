@@ -137,8 +137,50 @@ def lora_pairs(keys: Sequence[str]) -> dict[str, tuple[str, str]]:
     return pairs
 
 
+# methods that keep the global adapter slot by slot (row i of A, column i of B); the others
+# re-factorise dW (flexlora) or restart LoRA every round (flora, florist)
+PER_SLOT = ("fedit", "ffa", "fedex", "fedsa", "rolora", "lorafair", "hetlora", "rbla")
+
+
+def frozen_factor(method: str, phase: Optional[str] = None) -> Optional[str]:
+    """The factor a method's clients do not train: 'A' (FFA-LoRA; RoLoRA's phase 'B'), 'B'
+    (RoLoRA's phase 'A') or None."""
+    if method == "ffa":
+        return "A"
+    if method == "rolora":
+        return {"A": "B", "B": "A"}[phase]
+    return None
+
+
+def keep_unheld(new: Mapping[str, Tensor], previous: Mapping[str, Tensor], method: str,
+                ranks: Optional[Sequence[int]] = None, phase: Optional[str] = None) -> dict[str, Tensor]:
+    """The new global state with what no client of the round trained kept from `previous`:
+
+    - the frozen factor (`frozen_factor`) is the previous global one, never a client's copy, which
+      is zero past that client's rank;
+    - for PER_SLOT methods, with `ranks` (the round's clients'), the slots i >= max(ranks) that no
+      client holds keep their previous rows of A and columns of B. The aggregators see them as
+      zero padding in every client and return zeros there, and a slot zero in both A and B has
+      zero gradients: it would never train again, whoever takes part later.
+    Keys as in aggregate_states; `new` may lack a factor (FedSA's B): it is left out."""
+    out = dict(new)
+    side = frozen_factor(method, phase)
+    held = None if ranks is None else max(int(r) for r in ranks)
+    for ka, kb in lora_pairs(list(previous)).values():
+        if side is not None:
+            key = ka if side == "A" else kb
+            out[key] = previous[key]
+        R = previous[ka].shape[0]
+        if held is not None and held < R and method in PER_SLOT:
+            if ka in out:                                                     # A: (R, d_in)
+                out[ka] = torch.cat([out[ka][:held], previous[ka][held:]])
+            if kb in out:                                                     # B: (d_out, R)
+                out[kb] = torch.cat([out[kb][:, :held], previous[kb][:, held:]], dim=1)
+    return out
+
+
 def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: str,
-                     **options) -> StateUpdate:
+                     previous: Optional[Mapping[str, Tensor]] = None, **options) -> StateUpdate:
     """Aggregate whole client state dicts with one method.
 
     LoRA factors are found by name: `<prefix>.lora_A.weight` / `<prefix>.lora_B.weight` (this
@@ -148,6 +190,10 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
     other floating key (e.g. the classifier head) is FedAvg'd, sum_k p_k x_k; non-floating keys
     must agree across clients and are copied. A state with no LoRA pair at all is an error (it
     would otherwise be averaged as FedAvg, whatever the method).
+
+    previous: the global state the round started from. Given, what no client trained is kept from
+    it (`keep_unheld`: the frozen factor, and with heterogeneous `ranks` the slots no client holds);
+    without it, those come back as the aggregators return them (zeros past the largest rank).
     """
     fn = get_aggregator(method)
     K = len(states)
@@ -211,4 +257,6 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
             if any(not torch.equal(s[key], x0) for s in states):
                 raise ValueError(f"{key}: non-floating entry differs across clients; cannot average it")
             out.state[key] = x0.clone()
+    if previous is not None:
+        out.state.update(keep_unheld(out.state, previous, method, options.get("ranks"), options.get("phase")))
     return out

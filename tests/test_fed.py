@@ -393,6 +393,12 @@ def test_a_slot_no_participant_holds_keeps_its_global_value(method, absent):
             assert not torch.equal(new[b][:, :1], glob[b][:, :1])           # slot 0 was trained
         if a in frozen:                                    # never a participant's (masked) copy
             assert torch.equal(new[a], glob[a])
+    if method == "rolora":                                 # round 1 (phase 'A'): B is the frozen one
+        glob, phase, _ = manual_round(fed, chosen, nan)
+        assert phase == "A"
+        new = dict(fed.model.named_parameters())
+        assert all(torch.equal(new[b], glob[b]) for b in fed.b_keys)
+        assert all(torch.equal(new[a][1:], glob[a][1:]) for a in fed.a_keys)
 
 
 @pytest.mark.parametrize("method", list(AGGREGATORS))
@@ -406,6 +412,11 @@ def test_a_top_rank_client_absent_in_round_1_leaves_the_rank_structure_of_full_p
     assert slots(partial) == slots(full)
     if method not in ("flora", "florist"):                # (their B restarts at 0 every round)
         assert all(all(a) and all(b) for a, b in slots(partial))
+    elif method == "flora":                               # what it folds once the rank-2 client is back:
+        W = {p: base.weight[rows].clone() for p, (_, base, rows) in lora_layers(partial.model).items()}
+        manual_round(partial, [0, 1, 2])                  # an update of rank > 1 (florist: its energy share m)
+        folds = [torch.linalg.svdvals(base.weight[rows] - W[p]) for p, (_, base, rows) in lora_layers(partial.model).items()]
+        assert any(S[1] > 1e-3 * S[0] for S in folds)
 
 
 def test_ffa_A_is_the_initial_A_bit_for_bit_under_heterogeneous_partial_rounds():
@@ -416,11 +427,12 @@ def test_ffa_A_is_the_initial_A_bit_for_bit_under_heterogeneous_partial_rounds()
     assert all(torch.equal(dict(fed.model.named_parameters())[k], v) for k, v in A0.items())
 
 
+@pytest.mark.parametrize("ranks", [False, True])
 @pytest.mark.parametrize("local_head", [False, True])
-def test_fedsa_client_drawn_for_the_first_time_starts_from_its_initial_B(local_head):
+def test_fedsa_client_drawn_for_the_first_time_starts_from_its_initial_B(local_head, ranks):
     """FedSA-LoRA's per-client models: a client that never trained has its own initial B (zero)
-    and head, not the average of the other clients' B."""
-    fed = federation("fedsa", local_head=local_head)
+    and head, not the average of the other clients' B; and is scored with them."""
+    fed = hetero("fedsa", local_head=local_head) if ranks else federation("fedsa", local_head=local_head)
     init = {k: v.clone() for k, v in trainable_state(fed.model).items()}
     manual_round(fed, [0, 1])
     glob = trainable_state(fed.model)
@@ -433,3 +445,9 @@ def test_fedsa_client_drawn_for_the_first_time_starts_from_its_initial_B(local_h
         assert torch.equal(now[k], glob[k])
     fed.start_client(fed.clients[0], glob)                             # a returning client: its own B
     assert all(torch.equal(trainable_state(fed.model)[k], fed.clients[0].state[k]) for k in fed.b_keys)
+    fed.load_state_tensors(fed.state_tensors(), fed.round)
+    fed.set_scaling(fed.scale)
+    acc = fed.evaluate()                                              # client 2's domain: its initial B and head
+    fed.start_client(fed.clients[2], glob)
+    right, ok, _ = fed.counts(fed.domains[2].test)
+    assert acc[fed.domains[2].name] == right / ok

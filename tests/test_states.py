@@ -278,3 +278,30 @@ def test_diagnostics_measure_the_bias():
         assert cos == pytest.approx(1.0, abs=1e-12) and rel < 1e-12
     cos_fair, *_ = diagnostics(lorafair(A, B, w), A, B, w)
     assert cos_fair > diagnostics(fedit(A, B, w), A, B, w)[0]
+
+
+@pytest.mark.parametrize("method", ["fedit", "ffa", "rbla", "lorafair", "flexlora"])
+def test_aggregate_states_with_the_previous_state_keeps_what_no_client_trained(method):
+    """Clients of ranks 1 and 2 in a rank-3 adapter: slot 2 is nobody's. Given the previous global
+    state it keeps its value there (per-slot methods), and FFA-LoRA's A is the previous one bit for
+    bit; without it, the aggregators return zeros there."""
+    g = torch.Generator().manual_seed(0)
+    prev = {"l.lora_A.weight": torch.randn(3, 7, generator=g, dtype=torch.float64),
+            "l.lora_B.weight": torch.randn(5, 3, generator=g, dtype=torch.float64)}
+    states = []
+    for r in (1, 2):
+        A = prev["l.lora_A.weight"].clone() if method == "ffa" else torch.randn(3, 7, generator=g, dtype=torch.float64)
+        B = torch.randn(5, 3, generator=g, dtype=torch.float64)
+        A[r:], B[:, r:] = 0, 0
+        states.append({"l.lora_A.weight": A, "l.lora_B.weight": B})
+    bare = aggregate_states(states, [0.4, 0.6], method, ranks=[1, 2])
+    kept = aggregate_states(states, [0.4, 0.6], method, ranks=[1, 2], previous=prev)
+    A, B = kept.state["l.lora_A.weight"], kept.state["l.lora_B.weight"]
+    if method == "flexlora":                                   # re-factorised: nothing carried
+        assert all(torch.equal(bare.state[k], kept.state[k]) for k in bare.state)
+        return
+    assert bare.state["l.lora_A.weight"][2].abs().max() == 0 and bare.state["l.lora_B.weight"][:, 2].abs().max() == 0
+    assert torch.equal(A[2], prev["l.lora_A.weight"][2]) and torch.equal(B[:, 2], prev["l.lora_B.weight"][:, 2])
+    assert torch.equal(A[:2], bare.state["l.lora_A.weight"][:2]) and torch.equal(B[:, :2], bare.state["l.lora_B.weight"][:, :2])
+    if method == "ffa":
+        assert torch.equal(A, prev["l.lora_A.weight"])

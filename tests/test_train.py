@@ -128,11 +128,15 @@ def test_the_global_rank_is_the_largest_rank_a_client_gets(tmp_path, capsys):
     assert train(tmp_path, "--method", "fedit", "--ranks", "1,2,4", "--rank-by", "domain", "--rounds", "1") == 0
     assert "the global rank R is 2" in capsys.readouterr().err
     cfg = json.load(open(tmp_path / "run" / "config.json"))
-    assert cfg["rank"] == 2 and cfg["alpha"] == 8.0
+    assert cfg["rank"] == 2
     final = load_file(tmp_path / "run" / "final.safetensors")
     assert all(v.shape[0] == 2 for k, v in final.items() if k.endswith("lora_A.weight"))
     adapter = json.load(open(tmp_path / "run" / "adapter" / "adapter_config.json"))
-    assert adapter["r"] == 2
+    assert adapter["r"] == 2 and adapter["lora_alpha"] / adapter["r"] == 4.0     # max(8, 2 R) / R at R = 2
+    from train import get_args_parser, resolve                # --rank-by client: the clients, not the domains
+    a = resolve(get_args_parser().parse_args([*TINY, "--ranks", "1,2,4,8,16", "--clients-per-domain", "2"]))
+    assert a.rank == 8 and a.alpha == 16.0                     # 2 domains x 2 clients: ranks 1, 2, 4, 8; 16 unused
+
 
 
 def test_amp_is_bf16_arithmetic_and_a_resume_must_keep_it(tmp_path, capsys):
