@@ -134,3 +134,4 @@ def test_resume_refuses_a_run_of_other_train_args(tmp_path):
         server_app.serve(None, {"train-args": args, "out": str(tmp_path / "bare"), "resume": True})
     assert (out / "checkpoint.safetensors").read_bytes() == before
     assert json.load(open(out / "config.json"))["method"] == "lorafair"
+

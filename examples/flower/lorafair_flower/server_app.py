@@ -113,7 +113,7 @@ def serve(grid: Grid, config: dict) -> None:
     args, fed = build(str(config.get("train-args", DEFAULT_ARGS)))
     out = str(config.get("out", "runs/flower"))
     args.out = out
-    os.makedirs(out, exist_ok=True)
+    metrics_path = os.path.join(out, "metrics.jsonl")
     ckpt, cfg_path = os.path.join(out, "checkpoint.safetensors"), os.path.join(out, "config.json")
     if config.get("resume") and os.path.isfile(cfg_path):   # as train.py --resume: the same run, or nothing
         with open(cfg_path) as f:
@@ -124,19 +124,20 @@ def serve(grid: Grid, config: dict) -> None:
     elif config.get("resume") and os.path.isfile(ckpt):
         raise RuntimeError(f"resume: {out} holds a checkpoint but no config.json, so what it was run with is "
                            "unknown; start a new run in another out")
-    elif not config.get("resume") and os.path.exists(cfg_path):
+    elif not config.get("resume") and (os.path.exists(cfg_path) or os.path.exists(metrics_path)):
         raise RuntimeError(f"{out} already holds a run; set resume=true to continue it, or another out")
+    os.makedirs(out, exist_ok=True)                      # only once every check has passed
     if config.get("resume") and os.path.isfile(ckpt):
         with safe_open(ckpt, "pt") as f:
             done = int(f.metadata()["round"])
             fed.load_state_tensors({k: f.get_tensor(k).to(fed.device) for k in f.keys()}, done)
-        if os.path.isfile(os.path.join(out, "metrics.jsonl")):
-            with open(os.path.join(out, "metrics.jsonl")) as f:
+        if os.path.isfile(metrics_path):
+            with open(metrics_path) as f:
                 keep = [line for line in f if json.loads(line)["round"] <= done]
-            with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+            with open(metrics_path, "w") as f:
                 f.writelines(keep)
-    elif os.path.exists(os.path.join(out, "metrics.jsonl")):
-        raise RuntimeError(f"{out} already holds a run; set resume=true to continue it, or another out")
+    elif os.path.isfile(metrics_path):                    # resumed before its first checkpoint: from round 0
+        os.remove(metrics_path)
     with open(cfg_path + ".tmp", "w") as f:       # train.py's config.json: rounds as now asked for
         json.dump(train.config_of(args), f, indent=1)
     os.replace(cfg_path + ".tmp", cfg_path)
