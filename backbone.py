@@ -28,6 +28,10 @@ from lora import inject_lora
 
 LORA_TARGETS = {"vit": ["attn.proj", "mlp.fc2"], "mixer": ["mlp_tokens.fc2", "mlp_channels.fc2"]}
 CACHE = os.environ.get("LORAFAIR_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lorafair"))
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backbones")
+SHIPPED = {   # the embedded backbones behind the committed results, by file name (recipe tag): sha256
+    "shapes_vit_bd9dad67ef.safetensors": "2f9ad07fce7264f65dc7d780b238211c3332cab76063da4c2f9def42a7cf7286",
+}
 
 
 class ModelError(ValueError):
@@ -50,13 +54,25 @@ SHAPES_MODELS = {"vit_shapes": shapes_vit, "mixer_shapes": shapes_mixer}   # --m
 
 def pretrained_shapes_backbone(epochs: int = 12, per_domain: int = 2000, progress: bool = True,
                                cache: str = CACHE, model: str = "vit_shapes") -> str:
-    """Train an embedded backbone (SHAPES_MODELS) on classes 10..39 of the shapes generator
-    (disjoint from every task's, data.shapes_task_classes), once, and cache it outside the repo.
-    Both backbones get the same data, schedule and seed, on 2 threads whatever the caller's
-    setting (the weights depend on the thread count). Returns the cached file."""
+    """An embedded backbone (SHAPES_MODELS) trained on classes 10..39 of the shapes generator
+    (disjoint from every task's, data.shapes_task_classes). The repository ships the weights this
+    recipe made (backbones/, SHIPPED: their sha256), so every machine loads the same bytes;
+    only another recipe (epochs, per_domain), or a backbone not shipped, is trained here, once,
+    and cached outside the repo. Both backbones get the same data, schedule and seed, on 2 threads
+    whatever the caller's setting; the weights still depend on the CPU's arithmetic, which is why
+    the bytes, not the recipe, are what the results rest on. Returns the file."""
     family = model.split("_")[0]
     tag = hashlib.sha1(f"shapes-{family}-v1-{epochs}-{per_domain}".encode()).hexdigest()[:10]
-    path = os.path.join(cache, f"shapes_{family}_{tag}.safetensors")
+    name = f"shapes_{family}_{tag}.safetensors"
+    if name in SHIPPED:
+        shipped = os.path.join(SHIPPED_DIR, name)
+        with open(shipped, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != SHIPPED[name]:
+            raise ModelError(f"{shipped} has sha256 {digest}, not the shipped {SHIPPED[name]}; restore it from the "
+                             "repository (git checkout -- backbones/)")
+        return shipped
+    path = os.path.join(cache, name)
     if os.path.isfile(path):
         return path
     print(f"pretraining the embedded {model} backbone once (cached in {path}) ...", file=sys.stderr)

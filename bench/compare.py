@@ -342,6 +342,11 @@ def write_table(results, seeds, out, args, setting, backbone, base, fed, central
     note = backbone_note(base)
     if note:
         lines.append(note)
+        old = os.path.join(out, "table.md")
+        recorded = [x for x in open(old).read().splitlines() if x.startswith("Backbone:")] if os.path.isfile(old) else []
+        if recorded and recorded[0] != note:
+            print(f"warning: {old} was made with another backbone ({recorded[0]}); this one is {note}",
+                  file=sys.stderr)
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, f"table{suffix}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -1,5 +1,7 @@
 """backbone.py: weights in the formats users bring, read by timm's loaders and fitted to the model
 before it is built; hub weights from the local cache offline; the embedded backbone's pretraining."""
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -276,3 +278,27 @@ class socket_server:
 
     def __exit__(self, *exc):
         self.s.close()
+
+
+def test_the_shipped_backbone_is_loaded_not_trained(tmp_path, monkeypatch):
+    """The default recipe's ViT weights ship with the repository: returned from backbones/ as they
+    are (no training, nothing cached), and refused if their bytes are not the recorded ones."""
+    import hashlib
+    import shutil
+    import backbone
+    monkeypatch.setattr(backbone, "_pretrain", lambda *a, **k: pytest.fail("trained instead of loading"))
+    path = pretrained_shapes_backbone(progress=False, cache=str(tmp_path / "cache"), model="vit_shapes")
+    assert os.path.dirname(path) == backbone.SHIPPED_DIR and not (tmp_path / "cache").exists()
+    with open(path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == backbone.SHIPPED[os.path.basename(path)]
+    bad = tmp_path / "backbones"
+    bad.mkdir()
+    shutil.copy(path, bad)
+    with open(bad / os.path.basename(path), "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    monkeypatch.setattr(backbone, "SHIPPED_DIR", str(bad))
+    with pytest.raises(backbone.ModelError, match="not the shipped"):
+        pretrained_shapes_backbone(progress=False, model="vit_shapes")
