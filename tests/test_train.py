@@ -315,10 +315,13 @@ def test_rank_by_domain_gives_every_client_of_a_domain_its_rank():
 @pytest.mark.parametrize("method, extra, options", [
     ("florist", ["--florist-tau", "0.5"], {"tau": 0.5}),
     ("hetlora", ["--hetlora-use-p"], {"use_p": True}),
-    ("lorafair", ["--fair-lam", "0.2"], {"steps": 1000, "lr": 0.01, "lam": 0.2, "init": "zeros", "similarity": "flat",
-                                         "correct": "B", "objective": "cosine"}),
-    ("lorafair", ["--fair-objective", "lsq", "--fair-lam", "0"], {"steps": 1000, "lr": 0.01, "lam": 0.0,
-                                                                  "init": "zeros", "similarity": "flat",
+    ("lorafair", ["--fair-lam", "0.2"], {"solver": "fixed-point", "steps": None, "lr": None, "lam": 0.2,
+                                         "init": "zeros", "similarity": "flat", "correct": "B", "objective": "cosine"}),
+    ("lorafair", ["--fair-solver", "sgd", "--fair-steps", "7"], {"solver": "sgd", "steps": 7, "lr": None, "lam": 0.01,
+                                                                 "init": "zeros", "similarity": "flat", "correct": "B",
+                                                                 "objective": "cosine"}),
+    ("lorafair", ["--fair-objective", "lsq", "--fair-lam", "0"], {"solver": "fixed-point", "steps": None, "lr": None,
+                                                                  "lam": 0.0, "init": "zeros", "similarity": "flat",
                                                                   "correct": "B", "objective": "lsq"}),
     ("fedit", [], {}),
 ])
