@@ -373,10 +373,11 @@ def plot(results, out, title, suffix="") -> None:
 
     def per_round(runs, key):
         return [statistics.mean(r[i][key] for r in runs) for i in range(len(runs[0]))]
+    color = {name: plt.cm.tab20(i % 20) for i, name in enumerate(results)}   # one colour a variant, up to 20
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, runs in results.items():
         acc = [statistics.mean(100 * r[i]["acc"]["mean"] for r in runs) for i in range(len(runs[0]))]
-        ax.plot([rec["round"] for rec in runs[0]], acc, marker="o", ms=3, label=name)
+        ax.plot([rec["round"] for rec in runs[0]], acc, marker="o", ms=3, label=name, color=color[name])
     ax.set(xlabel="round", ylabel="mean top-1 (%)", title=f"{title}: global model, mean over seeds")
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -387,16 +388,18 @@ def plot(results, out, title, suffix="") -> None:
         if name == "centralised" or not all("ceiling" in rec for rec in runs[0]):
             continue
         rounds = [rec["round"] for rec in runs[0]]
-        line, = ax.plot(rounds, per_round(runs, "cos"), marker="o", ms=3, label=name)
-        ax.plot(rounds, per_round(runs, "ceiling"), ls=":", color=line.get_color())
+        ax.plot(rounds, per_round(runs, "cos"), marker="o", ms=3, label=name, color=color[name])
+        ax.plot(rounds, per_round(runs, "ceiling"), ls=":", color=color[name])
         if all("scale" in rec for r in runs for rec in r):     # runs logged before the scale: left out
-            bx.plot(rounds, per_round(runs, "scale"), marker="o", ms=3, label=name, color=line.get_color())
+            bx.plot(rounds, per_round(runs, "scale"), marker="o", ms=3, label=name, color=color[name])
     ax.set(xlabel="round", ylabel="cosine to dW, mean over layers and seeds",
            title=f"{title}: achieved (solid) vs ceiling of any refined B (dotted)")
     bx.set(xlabel="round", ylabel="||dW_applied|| / ||dW||, mean over layers and seeds", yscale="log",
            title="scale of the applied update (1: that of dW)")
     bx.axhline(1.0, color="grey", lw=0.5)
     ax.legend(fontsize=7)
+    if bx.lines[1:]:
+        bx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(out, f"bias{suffix}.png"), dpi=110)
     plt.close(fig)
