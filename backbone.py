@@ -31,6 +31,7 @@ CACHE = os.environ.get("LORAFAIR_CACHE", os.path.join(os.path.expanduser("~"), "
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backbones")
 SHIPPED = {   # the embedded backbones behind the committed results, by file name (recipe tag): sha256
     "shapes_vit_bd9dad67ef.safetensors": "2f9ad07fce7264f65dc7d780b238211c3332cab76063da4c2f9def42a7cf7286",
+    "shapes_mixer_e462598473.safetensors": "13c0b2693b05e9bf832e6941ec2b05c298cf15fb0fb69ee2c85fa9d718f1fc4e",
 }
 
 
