@@ -98,6 +98,7 @@ ABLATIONS = {   # each against LoRA-FAIR's defaults (first two rows: the runs of
                 # variants Eq. 8's fixed-point solver does not cover run with the published SGD
     "fedit": ["--method", "fedit"],
     "lorafair": ["--method", "lorafair"],                        # correct B, lam 0.01, dB from zeros
+    "lorafair sgd": SGD["lorafair sgd"],                         # the published solver
     "correct A": ["--method", "lorafair", "--fair-correct", "A", "--fair-solver", "sgd"],
     "correct both": ["--method", "lorafair", "--fair-correct", "both", "--fair-solver", "sgd"],
     "lam 0": ["--method", "lorafair", "--fair-lam", "0"],
@@ -293,8 +294,8 @@ def cell(args, extra: list[str], setting: str, backbone: str):
         if "centralised" in variants:   # depends on the backbone and the steps a round only
             folder["centralised"] = os.path.join(args.out, f"shapes-centralised-{backbone}-{steps}steps")
         if args.ablations:              # FedIT and LoRA-FAIR as they are: the runs of the method comparison
-            for name in ("fedit", "lorafair"):
-                folder[name] = os.path.join(args.out, f"shapes-{setting}-{backbone}", name)
+            for name in ("fedit", "lorafair", "lorafair sgd"):
+                folder[name] = os.path.join(args.out, f"shapes-{setting}-{backbone}", name.replace(" ", "_"))
     jobs = [(name, argv(v) + ["--seed", str(s)], os.path.join(folder[name], f"seed{s}"))
             for name, v in variants.items() for s in seeds]
 

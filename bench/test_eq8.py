@@ -1,12 +1,13 @@
 """Eq. 8's solvers measured: what each returns, against no correction, across the scale of B.
 
 One layer of the paper's ViT-B/16 (768 x 768), r = 16, clients' A_k near one shared init (drift
-0.05, as after a round of local training; two cases at drift 0.5, where the plain iteration is slow), B_k of norm ||B|| from 1e-8 to 1e2 (B starts at 0, so
-early rounds sit at the small end), K in {1, 6, 100}; lam = 0.01. Per case, Eq. 8's objective
-f = 1 - cos(dW, B' A_bar) + lam ||B' - B_bar||^2 at dB = 0, after the published SGD (1000 steps
-at lr 0.01, from 0), after the plain fixed-point iteration (no acceleration, 20 and 200
-iterations) and after the default (Anderson-accelerated, 20 iterations); the scale
-||B' A_bar|| / ||dW||; and each solver's time. Writes bench/results/eq8_solvers.md.
+0.05, as after a round of local training; two cases at drift 0.5), B_k of norm ||B|| from 1e-8 to
+1e2 (B starts at 0, so early rounds sit at the small end), K in {1, 6, 100}; lam = 0.01. Per case,
+Eq. 8's objective f = 1 - cos(dW, B' A_bar) + lam ||B' - B_bar||^2 at dB = 0, after the published
+SGD (1000 steps at lr 0.01, from 0) and after the default (Anderson-accelerated fixed point, 20
+iterations); how far above the default the plain iteration (no acceleration) ends after 20 and
+200 iterations; the scale ||B' A_bar|| / ||dW||; and each solver's time. Writes
+bench/results/eq8_solvers.md.
 
 Run: pytest bench/test_eq8.py
 """
@@ -75,17 +76,20 @@ def test_eq8_solvers(K, b_norm, drift):
 def teardown_module():
     if not ROWS:
         return
-    raised = sum(r["f_sgd"] > r["f0"] for r in ROWS)
+    raised = sum(r["f_sgd"] > r["f0"] + 1e-12 for r in ROWS)                    # beyond float rounding
+    raised_default = sum(r["f_fixed"] > r["f0"] + 1e-12 for r in ROWS)
     lines = [f"Machine: {machine()}. One 768 x 768 layer, r = 16, lam = 0.01, float32 inputs; f = Eq. 8's "
              "objective in float64; scale = ||B' A_bar|| / ||dW||. plain n: the fixed point without "
              "acceleration, n iterations. Command: `pytest bench/test_eq8.py`.", "",
-             f"SGD raised f above dB = 0 in {raised} of {len(ROWS)} cases; the default never did.", "",
-             "| K | ‖B‖ | drift | f at dB = 0 | SGD (1000 steps) | plain 20 | plain 200 | default (20) | scale SGD | "
-             "scale default | SGD ms | default ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"f above its value at dB = 0 by more than 1e-12 (float rounding of the float32 result aside): SGD in "
+             f"{raised} of {len(ROWS)} cases, the default in {raised_default}.", "",
+             "| K | ‖B‖ | drift | f at dB = 0 | SGD (1000 steps) | default (20) | plain 20 - default | "
+             "plain 200 - default | scale SGD | scale default | SGD ms | default ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(ROWS, key=lambda r: (r["drift"], r["K"], r["b"])):
-        lines.append(f"| {r['K']} | {r['b']:g} | {r['drift']} | {r['f0']:.6g} | {r['f_sgd']:.6g} | {r['f_plain20']:.6g} | "
-                     f"{r['f_plain200']:.6g} | {r['f_fixed']:.6g} | {r['s_sgd']:.3g} | {r['s_fixed']:.3g} | "
-                     f"{1e3 * r['t_sgd']:.0f} | {1e3 * r['t_fixed']:.1f} |")
+        lines.append(f"| {r['K']} | {r['b']:g} | {r['drift']} | {r['f0']:.6g} | {r['f_sgd']:.6g} | {r['f_fixed']:.6g} | "
+                     f"{r['f_plain20'] - r['f_fixed']:.1e} | {r['f_plain200'] - r['f_fixed']:.1e} | {r['s_sgd']:.3g} | "
+                     f"{r['s_fixed']:.3g} | {1e3 * r['t_sgd']:.0f} | {1e3 * r['t_fixed']:.1f} |")
     os.makedirs("bench/results", exist_ok=True)
     with open(os.path.join("bench/results", "eq8_solvers.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

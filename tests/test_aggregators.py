@@ -762,3 +762,36 @@ def test_fixed_point_refuses_the_options_of_sgd():
             lorafair(A, B, w, **kw)
     with pytest.raises(ValueError, match="solver must be 'fixed-point' or 'sgd'"):
         lorafair(A, B, w, solver="adam")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_eq8_where_B_bar_A_bar_points_away_from_dW(seed):
+    """cos(dW, B_bar A_bar) < 0 (two clients whose B nearly cancel, the larger one pointing away):
+    the solver still reaches the minimum a dense L-BFGS finds, far below Eq. 8 at dB = 0."""
+    A, B, _ = near_init(2, drift=0.3, b_norm=1.0, seed=seed)
+    w = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    A[0] = 1.5 * A[0]                                  # B_bar = -0.05 B_1 and dW ~ B_1 (1.5 A_1 - 1.1 A_2) / 2
+    B[1] = -1.1 * B[0] + 0.01 * B[1]
+    B_bar, A_bar, dW = avg(B, w), avg(A, w), dense_dW(A, B, w)
+    assert (dW * (B_bar @ A_bar)).sum() < 0                               # the case meant
+    u = lorafair(A, B, w)
+    f0, f = (dense_eq8(A, B, w, X, 0.01).item() for X in (B_bar, u.B))
+    assert f < f0 - 1.0 and f <= lbfgs_eq8(A, B, w, 0.01) + 1e-8
+    assert dense_eq8(A, B, w, lorafair(A, B, w, steps=50).B, 0.01).item() <= lbfgs_eq8(A, B, w, 0.01) + 1e-12
+
+
+def test_eq8_cap_is_the_best_point_left_on_the_ray():
+    """With the cap c lowered below the minimiser's scale, the result is capped at c max(...) and
+    is the best capped point on its ray (f is convex there), still below Eq. 8 at dB = 0."""
+    from aggregators import _fair_inputs, _flat_terms, eq8_fixed_point
+    A, B, w = near_init(6, b_norm=1e-3, drift=0.3)
+    A_bar, B_bar, U, V = _fair_inputs(A, B, w)
+    C, G, nX = _flat_terms(U, V, A_bar, 1e-300)
+    free = B_bar + eq8_fixed_point(B_bar, C, G, nX, 0.01)
+    capped = B_bar + eq8_fixed_point(B_bar, C, G, nX, 0.01, c=0.5)
+    bound = 0.5 * max((B_bar @ A_bar).norm(), nX)
+    assert (free @ A_bar).norm() > bound * 1.5                            # the cap binds here
+    torch.testing.assert_close((capped @ A_bar).norm(), bound, rtol=1e-12, atol=0)
+    f = lambda X: dense_eq8(A, B, w, X, 0.01).item()                     # noqa: E731
+    assert all(f(capped) <= f(capped * t) + 1e-15 for t in (0.5, 0.9, 0.99))   # smaller on the ray: worse
+    assert f(capped) < f(B_bar)

@@ -80,6 +80,7 @@ def test_the_ablations_reuse_the_comparisons_fedit_and_lorafair_runs():
     methods = {name: (argv, out) for name, argv, out in jobs["methods"]}
     ablations = {name: (argv, out) for name, argv, out in jobs["ablations"]}
     assert ablations["fedit"] == methods["fedit"] and ablations["lorafair"] == methods["lorafair"]
+    assert ablations["lorafair sgd"] == methods["lorafair sgd"]                  # the published SGD too
     assert "--fair-correct" in ablations["correct A"][0] and "ablations" in ablations["correct A"][1]
 
 
