@@ -614,7 +614,7 @@ def lorafair(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", sol
     ('xavier'), batched layers being independent terms of one summed loss. The cosine does not
     depend on the scale of B', so its gradient is orthogonal to B' and of size ~1 / ||B' A_bar||;
     starting at a small B_bar (early rounds, B starting at 0), fixed-lr steps lengthen B' far past
-    dW and can leave Eq. 8 higher than at dB = 0 (README, "Eq. 8 and its solvers").
+    dW and can leave Eq. 8 higher than at dB = 0 (docs/lorafair.md, "Eq. 8 and its solvers").
 
     correct='A' or 'both' (SGD only) are the paper's ablation: a residual dA on A_bar instead of
     (or as well as) dB, same objective with lam ||dA||^2 (and lam ||dB||^2). similarity='flat' is

@@ -100,7 +100,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--fair-solver", default="fixed-point", choices=["fixed-point", "sgd"],
-                   help="LoRA-FAIR's server step: Eq. 8 solved to convergence, or the published plain SGD (README)")
+                   help="LoRA-FAIR's server step: Eq. 8 solved to convergence, or the published plain SGD (docs/lorafair.md)")
     p.add_argument("--fair-steps", type=int, default=None,
                    help="fixed-point iterations (20), or SGD steps (1000, the paper's)")
     p.add_argument("--fair-lr", type=float, default=None, help="SGD's step size (0.01, the paper's)")
@@ -109,7 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fair-similarity", default="flat", choices=["flat", "column"])
     p.add_argument("--fair-correct", default="B", choices=["B", "A", "both"], help="which factor gets a residual")
     p.add_argument("--fair-objective", default="cosine", choices=["cosine", "lsq"],
-                   help="Eq. 8 by SGD (the paper), or its closed-form ridge least-squares cousin (README)")
+                   help="Eq. 8 by SGD (the paper), or its closed-form ridge least-squares cousin (docs/lorafair.md)")
     p.add_argument("--hetlora-use-p", action="store_true",
                    help="hetlora: weight clients by p_k ||B_k A_k|| instead of ||B_k A_k|| alone")
     p.add_argument("--florist-tau", type=float, default=0.9, help="florist: share of sum sigma^2 the kept components reach")
