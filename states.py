@@ -79,18 +79,22 @@ def diagnostics(update: Update, A: Tensor, B: Tensor, w, *, eps: float = 1e-12) 
 def eq8_objective(update: Update, A: Tensor, B: Tensor, w, lam: float) -> tuple[Tensor, Tensor]:
     """LoRA-FAIR's Eq. 8 as written (flat cosine, squared residual), in float64, per layer: at
     dB = 0, 1 - cos(dW, B_bar A_bar), and at the update, 1 - cos(dW, B' A') + lam (||B' - B_bar||^2
-    + ||A' - A_bar||^2) (A' = A_bar unless the residual is on A). Two (...,) tensors."""
+    + ||A' - A_bar||^2) (A' = A_bar unless the residual is on A). Two (...,) tensors. From the
+    factors, dW = U V: <dW, Y A'> = sum((U^T Y) * (V A'^T)), ||Y A'||^2 = sum((Y^T Y) * (A' A'^T)),
+    so nothing d_out x d_in is formed (this runs every LoRA-FAIR round)."""
     A, B = A.detach().double(), B.detach().double()
     w = torch.as_tensor(w).to(A.device, torch.float64)
     A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)
-    U, V = stacked_factors(A, B, w)
-    dW = U @ V                                                                # (..., d_out, d_in)
+    U, V = stacked_factors(A, B, w)                                           # U: (..., d_out, K r)
+    nX = ((U.mT @ U) * (V @ V.mT)).sum((-2, -1)).clamp_min(0).sqrt()          # ||dW||: (...,)
     A_new, B_new = update.A.double(), update.B.double()
 
-    def cos(Y: Tensor) -> Tensor:
-        return (dW * Y).sum((-2, -1)) / (dW.flatten(-2).norm(dim=-1) * Y.flatten(-2).norm(dim=-1)).clamp_min(1e-300)
+    def cos(Y: Tensor, Ap: Tensor) -> Tensor:                                  # cos(dW, Y Ap)
+        inner = ((U.mT @ Y) * (V @ Ap.mT)).sum((-2, -1))
+        nY = ((Y.mT @ Y) * (Ap @ Ap.mT)).sum((-2, -1)).clamp_min(0).sqrt()
+        return inner / (nX * nY).clamp_min(1e-300)
     residual = (B_new - B_bar).square().sum((-2, -1)) + (A_new - A_bar).square().sum((-2, -1))
-    return 1 - cos(B_bar @ A_bar), 1 - cos(B_new @ A_new) + lam * residual
+    return 1 - cos(B_bar, A_bar), 1 - cos(B_new, A_new) + lam * residual
 
 
 # ----------------------------------------------------------------------------- state dicts
