@@ -322,10 +322,22 @@ def free_keys(method: str) -> set[str]:
     return RESUME_FREE | {dest for m, flags in OPTION_FLAGS.items() if m != method for dest in flags.values()}
 
 
+def effective(config: dict) -> dict:
+    """A config with LoRA-FAIR's solver settings as they acted: a config.json written before
+    --fair-solver existed ran the SGD, and the SGD's unset steps and lr are its 1000 and 0.01."""
+    config = dict(config)
+    if config.get("method") == "lorafair" and config.get("fair_objective", "cosine") == "cosine":
+        config.setdefault("fair_solver", "sgd")
+        if config["fair_solver"] == "sgd":
+            config["fair_steps"] = 1000 if config.get("fair_steps") is None else config["fair_steps"]
+            config["fair_lr"] = 0.01 if config.get("fair_lr") is None else config["fair_lr"]
+    return config
+
+
 def config_diff(old: dict, args) -> str:
     """The settings (outside free_keys) in which a run's config.json and these arguments differ,
     as 'key: old vs new, ...' (empty: the same run)."""
-    new, defaults = config_of(args), vars(get_args_parser().parse_args([]))
+    old, new, defaults = effective(old), effective(config_of(args)), vars(get_args_parser().parse_args([]))
     free = free_keys(args.method)
     diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k, defaults.get(k)) != new.get(k))
     return ", ".join(f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in diff[:4])

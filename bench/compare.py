@@ -146,7 +146,8 @@ def recorded_differences(argv: list[str], out: str) -> tuple[list[str], int]:
     was run for."""
     with open(os.path.join(out, "config.json")) as f:
         old = json.load(f)
-    new = train.config_of(train.resolve(train.get_args_parser().parse_args([*argv, "--out", out])))
+    new = train.effective(train.config_of(train.resolve(train.get_args_parser().parse_args([*argv, "--out", out]))))
+    old = train.effective(old)
     defaults = vars(train.get_args_parser().parse_args([]))
     free = train.free_keys(new["method"])
     diff = [f"{k}: {old.get(k, defaults.get(k))!r} there, {new.get(k)!r} asked" for k in sorted(set(old) | set(new))

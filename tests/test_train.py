@@ -496,3 +496,17 @@ def test_heterogeneous_ranks_with_partial_participation_lose_no_slot(tmp_path, m
         assert train(tmp_path, "--method", method, *domains, name="full") == 0
         full = load_file(tmp_path / "full" / "final.safetensors")
         assert all(torch.equal(final[k], full[k]) for k in final if k.endswith("lora_A.weight"))
+
+
+def test_a_run_from_before_the_solver_option_resumes_as_the_sgd_it_ran(tmp_path, capsys):
+    """A LoRA-FAIR config.json written before --fair-solver (no such key, steps 1000, lr 0.01) ran
+    the SGD: it resumes with --fair-solver sgd, and is refused under the new default."""
+    assert train(tmp_path, "--fair-solver", "sgd", "--fair-steps", "5", "--rounds", "1") == 0
+    path = tmp_path / "run" / "config.json"
+    cfg = json.loads(path.read_text())
+    del cfg["fair_solver"]
+    cfg["fair_lr"] = 0.01
+    path.write_text(json.dumps(cfg))
+    assert train(tmp_path, "--fair-steps", "5", "--rounds", "2", "--resume") == 2
+    assert "fair_solver" in capsys.readouterr().err
+    assert train(tmp_path, "--fair-solver", "sgd", "--fair-steps", "5", "--rounds", "2", "--resume") == 0
