@@ -127,3 +127,42 @@ def test_only_picks_variants_by_name_and_refuses_unknown_ones():
     assert [name for name, _, _ in jobs] == ["fedit", "lorafair lsq lam 0"]          # naming it implies --closed-form
     with pytest.raises(SystemExit, match=r"no variant 'fedti' here; the variants are fedit, ffa"):
         planned([("typo", ["--seeds", "0", "--only", "fedti"], "feature")])
+
+
+def test_the_paper_regime_cell_runs_the_papers_lr_and_methods_with_its_own_centralised_reference():
+    import train
+    jobs = planned([("paper", ["--seeds", "0,1"], "paper")])["paper"]
+    names = [name for name, _, _ in jobs]
+    assert sorted(set(names)) == sorted(["fedit", "ffa", "flora", "flexlora", "lorafair", "lorafair sgd", "centralised"])
+    assert len(jobs) == 7 * 2                                           # every row, every seed
+    for name, argv, out in jobs:
+        a = train.get_args_parser().parse_args(argv)                    # what train.py will see (later flags win)
+        assert (a.lr, a.n_train, a.rounds, a.batch_size, a.clients_per_domain) == (0.01, 600, 1, 16, 1)
+        assert a.local_steps == (3600 if name == "centralised" else 600)    # the same budget: 6 clients x 600
+        assert out.startswith("bench/results/shapes-paper-vit/")        # its reference is not the stress cells'
+        flags = [x for x in argv if x.startswith("--")]
+        assert len(flags) == len(set(flags))                            # each setting stated once (the table's line)
+    stress = planned([("feature", ["--seeds", "0"], "feature")])["feature"]
+    assert all(train.get_args_parser().parse_args(argv).lr == 0.06 for _, argv, _ in stress if "--centralised" not in argv)
+
+
+def test_table_headers_name_the_regime_and_are_read_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(compare, "backbone_note", lambda base: "")
+    rec = [{"round": 1, "acc": {"a": 0.5, "mean": 0.5}, "cos": 0.9, "cos_fedit": 0.9, "ceiling": 0.95}]
+    for setting, lr, words in [("paper", "0.01", "the paper's regime: client lr 0.01, 600 local steps"),
+                               ("feature", "0.06", "STRESS TEST: client lr 0.06, the largest at which FedIT")]:
+        args = compare.get_args_parser().parse_args(["--seeds", "0,1"])
+        base = compare.with_flags(compare.SHAPES, compare.PAPER_REGIME if setting == "paper" else ["--lr", "0.06"])
+        compare.write_table({"fedit": [rec, rec]}, [0, 1], str(tmp_path), args, setting, "vit", base,
+                            compare.SETTINGS[setting])
+        head = (tmp_path / "table.md").read_text().splitlines()[0]
+        assert words in head and lr in head
+        assert compare.keeps_a_fuller_table(str(tmp_path), [0], ["fedit"])        # 2 seeds read back from it
+        assert not compare.keeps_a_fuller_table(str(tmp_path), [0, 1], ["fedit"])
+
+
+def test_with_flags_states_each_flag_once():
+    argv = ["--lr", "0.06", "--rounds", "5", "--amp"]
+    assert compare.with_flags(argv, ["--lr", "0.01", "--centralised", "--seed", "3", "--amp"]) == \
+        ["--lr", "0.01", "--rounds", "5", "--amp", "--centralised", "--seed", "3"]
+    assert argv == ["--lr", "0.06", "--rounds", "5", "--amp"]                      # not changed in place
