@@ -151,18 +151,19 @@ def with_flags(argv: list[str], flags: list[str]) -> list[str]:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="shapes", choices=["shapes", "domainnet", "nicopp"])
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--setting", default="feature", choices=list(SETTINGS))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="shapes", choices=["shapes", "domainnet", "nicopp"], help="the data")
+    p.add_argument("--data-root", default=None, help="DomainNet / NICO++: as train.py takes it")
+    p.add_argument("--setting", default="feature", choices=list(SETTINGS), help="the cell (module docstring)")
     p.add_argument("--backbone", default="vit", choices=list(BACKBONES), help="shapes: the embedded ViT or Mixer")
     p.add_argument("--all", action="store_true", help="every (setting, backbone) cell of ALL, one after another")
-    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated run seeds")
     p.add_argument("--only", default=None, help="comma-separated subset of the variants")
     p.add_argument("--ablations", action="store_true", help="run LoRA-FAIR's ablations instead of the methods")
     p.add_argument("--closed-form", action="store_true", help="add LoRA-FAIR's closed form (LSQ) at lam 0 and 0.01")
     p.add_argument("--ranks", default=None, help="heterogeneous client ranks for every variant, e.g. 4,8,16")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
+    p.add_argument("--replot", action="store_true", help="only redraw every cell's plots from its curves.csv")
     p.add_argument("--out", default=os.path.join("bench", "results"),
                    help="folder of every cell's results: <out>/<dataset>-<setting>-<backbone>[-...]")
     return p
@@ -338,7 +339,7 @@ def cell(args, extra: list[str], setting: str, backbone: str):
                   "--only / with every seed)", file=sys.stderr)
         write_table(results, seeds, out, args, setting, backbone, base, fed, variants.get("centralised"), suffix)
         write_curves(results, seeds, out, suffix)
-        plot(results, out, f"{tag}", suffix)
+        plot(series(results), out, tag, suffix)
     return jobs, report
 
 
@@ -403,47 +404,100 @@ def write_curves(results, seeds, out, suffix="") -> None:
                                 rec.get("scale", ""), rec.get("eq8_0", ""), rec.get("eq8", "")])
 
 
-def plot(results, out, title, suffix="") -> None:
+def series(results) -> dict:
+    """{variant: {key: [mean over seeds, per round]}} for the plots, keys round, acc (%), cos,
+    ceiling, scale (a key some runs lack is left out)."""
+    out = {}
+    for name, runs in results.items():
+        n = min(len(r) for r in runs)
+        out[name] = {"round": [runs[0][i]["round"] for i in range(n)],
+                     "acc": [statistics.mean(100 * r[i]["acc"]["mean"] for r in runs) for i in range(n)]}
+        for key in ("cos", "ceiling", "scale"):
+            if all(key in r[i] and r[i][key] != "" for r in runs for i in range(n)):
+                out[name][key] = [statistics.mean(float(r[i][key]) for r in runs) for i in range(n)]
+    return out
+
+
+def series_from_csv(path: str) -> dict:
+    """The same from a committed curves.csv (so that plots are redrawn without the runs)."""
+    runs = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            if row["mean_acc"] == "":
+                continue                        # a round that was not evaluated
+            rec = {"round": int(row["round"]), "acc": {"mean": float(row["mean_acc"])},
+                   **{k: row[k] for k in ("cos", "ceiling", "scale") if row.get(k, "") != ""}}
+            runs.setdefault(row["variant"], {}).setdefault(row["seed"], []).append(rec)
+    return series({name: list(seeds.values()) for name, seeds in runs.items()})
+
+
+def plot(data: dict, out: str, title: str, suffix: str = "") -> None:
+    """curves.png (accuracy per round) and bias.png (cosine to dW against the ceiling, and the
+    applied update's scale) from `series`: one colour and line style per variant, integer rounds,
+    legends beside the axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    names = list(data)
+    colour = [plt.cm.tab10(i) for i in range(10)] + [plt.cm.tab20(2 * i + 1) for i in range(10)]   # 20 hues
+    style = {name: dict(color=colour[i % 20], ls=("-", "--", "-.", (0, (1, 1)))[i % 4],
+                        marker="osD^v<>ph*"[i % 10], ms=4) for i, name in enumerate(names)}
 
-    def per_round(runs, key):
-        return [statistics.mean(r[i][key] for r in runs) for i in range(len(runs[0]))]
-    color = {name: plt.cm.tab20(i % 20) for i, name in enumerate(results)}   # one colour a variant, up to 20
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, runs in results.items():
-        acc = [statistics.mean(100 * r[i]["acc"]["mean"] for r in runs) for i in range(len(runs[0]))]
-        ax.plot([rec["round"] for rec in runs[0]], acc, marker="o", ms=3, label=name, color=color[name])
-    ax.set(xlabel="round", ylabel="mean top-1 (%)", title=f"{title}: global model, mean over seeds")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, f"curves{suffix}.png"), dpi=110)
-    plt.close(fig)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, runs in results.items():
-        if name == "centralised" or not all("ceiling" in rec for rec in runs[0]):
-            continue
-        rounds = [rec["round"] for rec in runs[0]]
-        ax.plot(rounds, per_round(runs, "cos"), marker="o", ms=3, label=name, color=color[name])
-        ax.plot(rounds, per_round(runs, "ceiling"), ls=":", color=color[name])
-        if all("scale" in rec for r in runs for rec in r):     # runs logged before the scale: left out
-            bx.plot(rounds, per_round(runs, "scale"), marker="o", ms=3, label=name, color=color[name])
-    ax.set(xlabel="round", ylabel="cosine to dW, mean over layers and seeds",
-           title=f"{title}: achieved (solid) vs ceiling of any refined B (dotted)")
-    bx.set(xlabel="round", ylabel="||dW_applied|| / ||dW||, mean over layers and seeds", yscale="log",
-           title="scale of the applied update (1: that of dW)")
-    bx.axhline(1.0, color="grey", lw=0.5)
-    ax.legend(fontsize=7)
-    if bx.lines[1:]:
-        bx.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, f"bias{suffix}.png"), dpi=110)
-    plt.close(fig)
+    def finish(fig, axes, path):
+        for ax in axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.tight_layout()
+        handles, labels = axes[0].get_legend_handles_labels()     # every variant the first axes shows
+        fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.93), fontsize=8, frameon=False)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name in names:
+        ax.plot(data[name]["round"], data[name]["acc"], label=LABELS.get(name, name), **style[name])
+    ax.set(xlabel="round", ylabel="mean top-1 (%), mean over seeds", title=f"{title}: the global model")
+    finish(fig, [ax], os.path.join(out, f"curves{suffix}.png"))
+
+    biased = [n for n in names if n != "centralised" and "ceiling" in data[n]]
+    if not biased:                              # runs logged before the ceiling: no bias plot
+        return
+    scaled = any("scale" in data[n] for n in biased)          # runs logged before the scale have none
+    fig, axes = plt.subplots(1, 1 + scaled, figsize=(12 if scaled else 6.5, 4.2), squeeze=False)
+    ax, bx = axes[0][0], axes[0][-1]
+    for name in biased:
+        d = data[name]
+        ax.plot(d["round"], d["cos"], label=LABELS.get(name, name), **style[name])
+        ax.plot(d["round"], d["ceiling"], color=style[name]["color"], ls=":", lw=1)
+        if "scale" in d:
+            bx.plot(d["round"], d["scale"], label=LABELS.get(name, name), **style[name])
+    ax.set(xlabel="round", ylabel="cos(dW, applied), mean over layers and seeds",
+           title="cosine to dW (dotted: the ceiling of any refined B)")
+    if scaled:
+        bx.set(xlabel="round", ylabel="||applied|| / ||dW||, mean over layers and seeds", yscale="log",
+               title="scale of the applied update (1: that of dW)")
+        bx.axhline(1.0, color="grey", lw=0.5)
+    fig.suptitle(title)
+    finish(fig, list(axes[0]), os.path.join(out, f"bias{suffix}.png"))
+
+
+def replot(root: str) -> list[str]:
+    """Redraw the plots of every cell under `root` from its committed curves.csv."""
+    done = []
+    for cell in sorted(os.listdir(root)):
+        for suffix in ("", "-partial"):
+            path = os.path.join(root, cell, f"curves{suffix}.csv")
+            if os.path.isfile(path):
+                plot(series_from_csv(path), os.path.join(root, cell), cell, suffix)
+                done.append(path)
+    return done
 
 
 def main(argv=None):
     args, extra = get_args_parser().parse_known_args(argv)
+    if args.replot:
+        print("\n".join(f"redrew the plots of {path}" for path in replot(args.out)))
+        return
     cells = [cell(args, extra, setting, backbone) for setting, backbone in
              (ALL if args.all else [(args.setting, args.backbone)])]
     try:

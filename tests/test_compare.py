@@ -89,7 +89,7 @@ def test_all_runs_every_cell_in_one_pool_each_shared_run_once_longest_first(tmp_
     monkeypatch.setattr(compare, "plan", lambda name, argv, out: [*argv, "--out", out])   # nothing there yet
     monkeypatch.setattr(compare, "run_all", lambda jobs, parallel: ran.append(jobs))
     monkeypatch.setattr(compare, "metrics", lambda out: reported.append(out) or [{"round": 1}])
-    for name in ("write_table", "write_curves", "plot"):
+    for name in ("write_table", "write_curves", "plot", "series"):
         monkeypatch.setattr(compare, name, lambda *a, **k: None)
     compare.main(["--all", "--seeds", "0,1", "--out", str(tmp_path)])
     jobs, = ran                                                       # one pool for the four cells
@@ -166,3 +166,19 @@ def test_with_flags_states_each_flag_once():
     assert compare.with_flags(argv, ["--lr", "0.01", "--centralised", "--seed", "3", "--amp"]) == \
         ["--lr", "0.01", "--rounds", "5", "--amp", "--centralised", "--seed", "3"]
     assert argv == ["--lr", "0.06", "--rounds", "5", "--amp"]                      # not changed in place
+
+
+def test_plots_are_redrawn_from_curves_csv_alone_with_the_same_numbers(tmp_path):
+    def rec(r, acc, cos):
+        return {"round": r, "acc": {"mean": acc}, "cos": cos, "cos_fedit": cos, "ceiling": cos + 0.01,
+                "rel_err": 0.1, "train_loss": 1.0, "scale": 0.9}
+    results = {"fedit": [[rec(1, 0.5, 0.9), rec(2, 0.6, 0.95)], [rec(1, 0.7, 0.8), rec(2, 0.8, 0.85)]],
+               "centralised": [[rec(1, 0.9, 1.0), rec(2, 0.95, 1.0)], [rec(1, 0.9, 1.0), rec(2, 0.9, 1.0)]]}
+    cell = tmp_path / "shapes-x"
+    cell.mkdir()
+    compare.write_curves(results, [0, 1], str(cell))
+    again = compare.series_from_csv(str(cell / "curves.csv"))
+    assert again == compare.series(results)
+    assert again["fedit"]["acc"] == pytest.approx([60.0, 70.0]) and again["fedit"]["round"] == [1, 2]
+    assert compare.replot(str(tmp_path)) == [str(cell / "curves.csv")]
+    assert (cell / "curves.png").stat().st_size > 0 and (cell / "bias.png").stat().st_size > 0
