@@ -365,8 +365,7 @@ def write_table(results, seeds, out, args, setting, backbone, base, fed, central
         cells = [fmt([r[-1]["acc"][d] for r in runs]) for d in domains]
         mean = [r[-1]["acc"]["mean"] for r in runs]
         delta = "" if runs is ref or ref is None else paired(mean, [r[-1]["acc"]["mean"] for r in ref])
-        variant = name.startswith("lorafair ") or (args.ablations and name not in ("fedit", "lorafair"))
-        delta_fair = paired(mean, [r[-1]["acc"]["mean"] for r in fair]) if fair and variant else ""
+        delta_fair = paired(mean, [r[-1]["acc"]["mean"] for r in fair]) if fair and name != "lorafair" else ""
         avg = lambda key: statistics.mean(statistics.mean(rec[key] for rec in r) for r in runs)   # noqa: E731
         has = all(key in rec for r in runs for rec in r for key in ("cos_fedit", "ceiling"))
         wire = [(rec["bytes"]["up"] + rec["bytes"]["down"]) / 1e6 for r in runs for rec in r if "bytes" in rec]
@@ -481,14 +480,46 @@ def plot(data: dict, out: str, title: str, suffix: str = "") -> None:
     finish(fig, list(axes[0]), os.path.join(out, f"bias{suffix}.png"))
 
 
+def refill_fair_column(table: str, csv_path: str) -> None:
+    """Fill a table's "Δ vs lorafair" column for every row from curves.csv (each seed's last
+    round), for tables written when it held LoRA-FAIR's own variants only."""
+    final = {}
+    with open(csv_path) as f:
+        for row in csv.DictReader(f):
+            if row["mean_acc"] != "":
+                final.setdefault(row["variant"], {})[int(row["seed"])] = (int(row["round"]), float(row["mean_acc"]))
+    if "lorafair" not in final:
+        return
+    seeds = sorted(final["lorafair"])
+    fair = [final["lorafair"][s][1] for s in seeds]
+    with open(table) as f:
+        lines = f.read().split("\n")
+    head = next((i for i, line in enumerate(lines) if line.startswith("| method |")), None)
+    if head is None or "Δ vs lorafair" not in lines[head]:
+        return
+    col = lines[head].split(" | ").index("Δ vs lorafair")
+    for i in range(head + 2, len(lines)):
+        cells = lines[i].split(" | ")
+        name = next((n for n in final if LABELS.get(n, n) == cells[0].lstrip("| ")), None)
+        if not lines[i].startswith("| ") or name in (None, "lorafair") or sorted(final[name]) != seeds:
+            continue
+        cells[col] = paired([final[name][s][1] for s in seeds], fair)
+        lines[i] = " | ".join(cells)
+    with open(table, "w") as f:
+        f.write("\n".join(lines))
+
+
 def replot(root: str) -> list[str]:
-    """Redraw the plots of every cell under `root` from its committed curves.csv."""
+    """Redraw the plots of every cell under `root` from its committed curves.csv, and fill its
+    table's Δ vs lorafair column."""
     done = []
     for cell in sorted(os.listdir(root)):
         for suffix in ("", "-partial"):
             path = os.path.join(root, cell, f"curves{suffix}.csv")
             if os.path.isfile(path):
                 plot(series_from_csv(path), os.path.join(root, cell), cell, suffix)
+                if os.path.isfile(table := os.path.join(root, cell, f"table{suffix}.md")):
+                    refill_fair_column(table, path)
                 done.append(path)
     return done
 

@@ -182,3 +182,17 @@ def test_plots_are_redrawn_from_curves_csv_alone_with_the_same_numbers(tmp_path)
     assert again["fedit"]["acc"] == pytest.approx([60.0, 70.0]) and again["fedit"]["round"] == [1, 2]
     assert compare.replot(str(tmp_path)) == [str(cell / "curves.csv")]
     assert (cell / "curves.png").stat().st_size > 0 and (cell / "bias.png").stat().st_size > 0
+
+
+def test_every_row_gets_its_difference_to_lorafair_refilled_from_curves_csv(tmp_path):
+    def rec(acc):
+        return {"round": 1, "acc": {"mean": acc}, "cos": 0.9, "rel_err": 0.1, "train_loss": 1.0}
+    results = {"fedit": [[rec(0.70)], [rec(0.72)], [rec(0.71)]], "lorafair": [[rec(0.71)], [rec(0.74)], [rec(0.71)]]}
+    compare.write_curves(results, [0, 1, 2], str(tmp_path))
+    table = tmp_path / "table.md"
+    table.write_text("head\n\n| method | **mean** | Δ vs fedit | Δ vs lorafair | cos |\n|---|---|---|---|---|\n"
+                     "| fedit | **71** |  |  | 0.9 |\n| lorafair | **72** | +1 |  | 0.9 |\n")
+    compare.refill_fair_column(str(table), str(tmp_path / "curves.csv"))
+    rows = table.read_text().splitlines()
+    assert rows[4] == f"| fedit | **71** |  | {compare.paired([0.70, 0.72, 0.71], [0.71, 0.74, 0.71])} | 0.9 |"
+    assert rows[4].split(" | ")[3].startswith("-1.00 [") and rows[5] == "| lorafair | **72** | +1 |  | 0.9 |"
