@@ -58,11 +58,13 @@ def _register_with_timm() -> None:
     `timm.create_model("vit_shapes", pretrained=True, num_classes=N)` builds one with its shipped
     weights (a new head), so a run's merged.safetensors and adapter/ load as any timm model's do."""
     from timm.models import is_model, register_model
+    exported = "__all__" in globals()
     for name, build in SHAPES_MODELS.items():
         if is_model(name):
             continue
 
-        def entry(pretrained=False, num_classes=10, _name=name, _build=build, **ignored):
+        def entry(pretrained=False, num_classes=10, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
+                  _name=name, _build=build):
             model = _build(num_classes)
             if pretrained:
                 from safetensors.torch import load_file
@@ -72,6 +74,8 @@ def _register_with_timm() -> None:
             return model
         entry.__name__ = entry.__qualname__ = name
         register_model(entry)
+    if not exported:                     # timm lists a registrant's models in its __all__: not this module's API
+        del globals()["__all__"]
 
 
 def pretrained_shapes_backbone(epochs: int = 12, per_domain: int = 2000, progress: bool = True,

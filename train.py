@@ -82,14 +82,22 @@ class Help(argparse.HelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line, with the closest choice to a mistyped one."""
+    """argparse whose errors are one line, with the closest choice or flag to a mistyped one."""
+
+    def _check_value(self, action, value):
+        import difflib
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            close = difflib.get_close_matches(str(value), [str(c) for c in action.choices or ()], 1)
+            raise argparse.ArgumentError(action, f"{e.message}; did you mean {close[0]!r}?" if close else e.message)
 
     def error(self, message):
         import difflib
-        import re
-        typo = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
-        if typo and (close := difflib.get_close_matches(typo.group(1), re.findall(r"'([^']*)'", typo.group(2)), 1)):
-            message += f"; did you mean {close[0]!r}?"
+        if message.startswith("unrecognized arguments: "):
+            hints = [f"{a} (did you mean {c[0]}?)" for a in message.split(": ", 1)[1].split()
+                     if a.startswith("--") and (c := difflib.get_close_matches(a.split("=")[0], self._option_string_actions, 1))]
+            message += "; " + ", ".join(hints) if hints else ""
         self.exit(2, f"error: {message} (all options: python train.py --help)\n")
 
 
@@ -384,14 +392,16 @@ def config_diff(old: dict, args) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in diff[:4])
 
 
+UMASK = os.umask(0o022)   # read once (os.umask sets as it reads), then restored
+os.umask(UMASK)
+
+
 def save_tensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
     """safetensors file written atomically (a .tmp renamed), readable as the umask allows (the
     library itself creates files only their owner can read)."""
     from safetensors.torch import save_file
     save_file(tensors, path + ".tmp", metadata=metadata)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path + ".tmp", 0o666 & ~mask)
+    os.chmod(path + ".tmp", 0o666 & ~UMASK)
     os.replace(path + ".tmp", path)
 
 
@@ -447,10 +457,12 @@ def check_out(args) -> bool:
 def write_out(args, listing) -> list[str]:
     """The run's first files, once every check has passed: config.json and a split made here.
     Returns what a new run created (the folder, or the files in it), for `stopped` to remove."""
+    made_splits = listing is not None and listing.split_dir is None and not args.resume
+    names = [*RUN_FILES, "checkpoint.safetensors.tmp", "adapter", *(["splits"] if made_splits else [])]
     created = [] if args.resume else [args.out] if not os.path.exists(args.out) else \
-        [os.path.join(args.out, n) for n in ("config.json", "metrics.jsonl", "splits")]
+        [p for n in names if not os.path.exists(p := os.path.join(args.out, n))]
     os.makedirs(args.out, exist_ok=True)
-    if listing is not None and listing.split_dir is None and not args.resume:
+    if made_splits:
         write_splits(listing, os.path.join(args.out, "splits"))
     path = os.path.join(args.out, "config.json")   # resumed: only RESUME_FREE entries (e.g. rounds) change
     with open(path + ".tmp", "w") as f:
@@ -498,9 +510,21 @@ def setup_distributed(args) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), created
 
 
+class Terminated(Exception):
+    """SIGTERM (a scheduler's or `kill`'s stop): ends the run like Ctrl-C, exit code 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
+    import signal
+    import threading
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     rank, world, created = 0, 1, False
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
@@ -515,7 +539,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:           # before --out was written (after it: Stopped)
         print("error: interrupted; nothing was written", file=sys.stderr)
@@ -570,25 +595,46 @@ def run(args, rank: int = 0, world: int = 1, argv: list[str] = ()) -> int:
     agree(world, rank, error, device=args.device)
     try:
         return train_rounds(args, rank, world, listing, domains, clients, model, device, resume)
-    except (Diverged, KeyboardInterrupt) as e:
-        raise Stopped(stopped(args, argv, e, created if lead else []), 3 if isinstance(e, Diverged) else 130) from None
+    except (Diverged, KeyboardInterrupt, Terminated) as e:
+        code = 3 if isinstance(e, Diverged) else 143 if isinstance(e, Terminated) else 130
+        raise Stopped(stopped(args, argv, e, created if lead else []), code) from None
+    except BaseException as e:       # anything else (out of memory, a bug): the same cleanup, then the traceback
+        if lead:
+            print(f"error: {type(e).__name__}; " + stopped(args, argv, e, created), file=sys.stderr)
+        raise
 
 
 def stopped(args, argv: list[str], e: BaseException, created: list[str]) -> str:
     """What a run that stopped early says. A new run with no round saved removes what it wrote
     (`created`), so the corrected command simply works; otherwise the checkpoint stays, and the
     line gives the commands that continue it or start again elsewhere."""
-    what = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+    what = {KeyboardInterrupt: "interrupted", Terminated: "terminated (SIGTERM)"}.get(type(e), str(e))
     done = checkpoint_round(os.path.join(args.out, "checkpoint.safetensors"))
     if not done and created:
         for path in filter(os.path.exists, created):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-        return f"{what}; no round was saved, so {args.out} was removed again"
-    again = shlex.join(["python", "train.py", *(a for a in argv if a != "--resume"), "--resume"])
+        gone = f"{args.out} was removed again" if args.out in created else f"what it wrote in {args.out} was removed"
+        return f"{what}; no round was saved, so {gone}"
+    plain = [a for a in argv if a != "--resume"]
+    again = shlex.join(["python", "train.py", *plain, "--resume"])
+    if isinstance(e, Diverged):      # continuing would diverge again: start over, lr / 10, beside the run
+        lr = f"{args.lr / 10:g}"
+        restart = shlex.join(["python", "train.py", *with_flag(with_flag(plain, "--lr", lr), "--out",
+                                                                  f"{args.out.rstrip('/')}-lr{lr}")])
+        return f"{what}; rounds 1-{done} are saved in {args.out}; start again at a lower lr with `{restart}`"
     if not done:
         return f"{what}; no round of it was saved; run it again with `{again}`"
     return (f"{what}; rounds 1-{done} are saved in {args.out}: continue with `{again}`, "
             f"or start again with another --out")
+
+
+def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    """argv with `flag value` set: replaced where given (also as --flag=value), else appended."""
+    out = [a for a in argv if not a.startswith(flag + "=")]
+    if flag in out:
+        out[out.index(flag) + 1] = value
+        return out
+    return [*out, flag, value]
 
 
 def train_rounds(args, rank, world, listing, domains, clients, model, device, resume) -> int:
@@ -674,26 +720,32 @@ def export(args, fed: Federation) -> None:
     save_tensors({k: v.cpu() for k, v in tensors.items()}, os.path.join(folder, "adapter_model.safetensors"))
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=1)
-    folded = fed.folds
-    note = os.path.join(folder, "NOTE.txt")
-    if folded:   # the backbone itself was changed: the adapter alone does not hold the trained model
-        with open(note, "w") as f:
-            f.write(f"This run ({args.method}, --client-init {args.client_init}) folded updates into the backbone "
-                    "weights, which a PEFT adapter cannot carry: loaded on the original backbone, this adapter "
-                    "leaves them out. The trained model is ../merged.safetensors.\n")
-        print(f"note: {args.method} changed the backbone weights; use {args.out}/merged.safetensors, not the "
-              "adapter alone", file=sys.stderr)
-    elif args.method == "fedsa":   # personalised: the printed accuracy is not the exported model's
+    notes, says = [], []                 # adapter/NOTE.txt: what the adapter alone does not carry
+    if fed.folds:   # the backbone itself was changed: the adapter alone does not hold the trained model
+        notes.append(f"This run ({args.method}, --client-init {args.client_init}) folded updates into the backbone "
+                     "weights, which a PEFT adapter cannot carry: loaded on the original backbone, this adapter "
+                     "leaves them out. The trained model is ../merged.safetensors.")
+        says.append(f"{args.method} changed the backbone weights; use {args.out}/merged.safetensors, not the "
+                    "adapter alone")
+    if args.method == "fedsa":   # personalised: the printed accuracy is not the exported model's
         own = "B and head" if args.local_head else "B"
+        notes.append(f"FedSA-LoRA keeps each client's own {own}. The accuracy this run printed scores every client "
+                     f"with its own {own} (averaged per domain). ../merged.safetensors and this adapter hold the "
+                     "global model instead: the shared A with the clients' B averaged (the head averaged too). "
+                     "Each client's own tensors are in ../final.safetensors under client<k>/.")
+        says.append(f"fedsa's printed accuracy is each client's own {own}; {args.out}/merged.safetensors and "
+                    "adapter/ hold the global model (B averaged): adapter/NOTE.txt")
+    if not args.pretrained and not args.checkpoint:
+        notes.append("The backbone's weights were drawn at random (--no-pretrained), so no base model it could be "
+                     "loaded on can be rebuilt; the trained model is ../merged.safetensors.")
+    note = os.path.join(folder, "NOTE.txt")
+    if notes:
         with open(note, "w") as f:
-            f.write(f"FedSA-LoRA keeps each client's own {own}. The accuracy this run printed scores every client "
-                    f"with its own {own} (averaged per domain). ../merged.safetensors and this adapter hold the "
-                    "global model instead: the shared A with the clients' B averaged (the head averaged too). "
-                    "Each client's own tensors are in ../final.safetensors under client<k>/.\n")
-        print(f"note: fedsa's printed accuracy is each client's own {own}; {args.out}/merged.safetensors and "
-              "adapter/ hold the global model (B averaged): adapter/NOTE.txt", file=sys.stderr)
+            f.write("\n\n".join(notes) + "\n")
     elif os.path.exists(note):
         os.remove(note)
+    for line in says:
+        print(f"note: {line}", file=sys.stderr)
 
 
 def finish(args, fed: Federation, acc: dict) -> None:

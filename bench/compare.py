@@ -122,7 +122,9 @@ ABLATIONS = {   # each against LoRA-FAIR's defaults (first two rows: the runs of
     "clients start fresh": ["--method", "lorafair", "--client-init", "fresh"],
     "clients start local": ["--method", "lorafair", "--client-init", "local"],
 }
-LABELS = {"hetlora": "hetlora (aggregation step only)"}   # no rank self-pruning (docs/methods.md)
+LABELS = {"hetlora": "hetlora (aggregation step only)"}
+PALETTE = ["fedit", "lorafair", "ffa", "flora", "flexlora", "centralised", "fedex", "fedsa", "rolora", "lorafair sgd",
+           "hetlora", "rbla", "florist", *LSQ, *(k for k in ABLATIONS if k not in ("fedit", "lorafair", "lorafair sgd"))]   # no rank self-pruning (docs/methods.md)
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086]   # Student's t, 97.5% quantile, 1..20 degrees of freedom
 
@@ -409,8 +411,9 @@ def series(results) -> dict:
     out = {}
     for name, runs in results.items():
         n = min(len(r) for r in runs)
-        out[name] = {"round": [runs[0][i]["round"] for i in range(n)],
-                     "acc": [statistics.mean(100 * r[i]["acc"]["mean"] for r in runs) for i in range(n)]}
+        rated = [i for i in range(n) if all("acc" in r[i] for r in runs)]      # --eval-every > 1: some rounds
+        out[name] = {"round": [runs[0][i]["round"] for i in range(n)], "acc_round": [runs[0][i]["round"] for i in rated],
+                     "acc": [statistics.mean(100 * r[i]["acc"]["mean"] for r in runs) for i in rated]}
         for key in ("cos", "ceiling", "scale"):
             if all(key in r[i] and r[i][key] != "" for r in runs for i in range(n)):
                 out[name][key] = [statistics.mean(float(r[i][key]) for r in runs) for i in range(n)]
@@ -422,10 +425,8 @@ def series_from_csv(path: str) -> dict:
     runs = {}
     with open(path) as f:
         for row in csv.DictReader(f):
-            if row["mean_acc"] == "":
-                continue                        # a round that was not evaluated
-            rec = {"round": int(row["round"]), "acc": {"mean": float(row["mean_acc"])},
-                   **{k: row[k] for k in ("cos", "ceiling", "scale") if row.get(k, "") != ""}}
+            rec = {"round": int(row["round"]), **{k: row[k] for k in ("cos", "ceiling", "scale") if row.get(k, "") != ""},
+                   **({"acc": {"mean": float(row["mean_acc"])}} if row["mean_acc"] != "" else {})}
             runs.setdefault(row["variant"], {}).setdefault(row["seed"], []).append(rec)
     return series({name: list(seeds.values()) for name, seeds in runs.items()})
 
@@ -440,8 +441,10 @@ def plot(data: dict, out: str, title: str, suffix: str = "") -> None:
     from matplotlib.ticker import MaxNLocator
     names = list(data)
     colour = [plt.cm.tab10(i) for i in range(10)] + [plt.cm.tab20(2 * i + 1) for i in range(10)]   # 20 hues
-    style = {name: dict(color=colour[i % 20], ls=("-", "--", "-.", (0, (1, 1)))[i % 4],
-                        marker="osD^v<>ph*"[i % 10], ms=4) for i, name in enumerate(names)}
+    order = [n for n in [*PALETTE, *names] if n in names]             # fixed order: FedIT, then LoRA-FAIR, ...
+    order = list(dict.fromkeys(order))
+    style = {name: dict(color=colour[i % 20], ls=("-", "--", "-.", (0, (1, 1)))[i % 4], marker="osD^v<>ph*"[i % 10],
+                        ms=4) for i, name in enumerate(order)}
 
     def finish(fig, axes, path):
         for ax in axes:
@@ -454,7 +457,7 @@ def plot(data: dict, out: str, title: str, suffix: str = "") -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name in names:
-        ax.plot(data[name]["round"], data[name]["acc"], label=LABELS.get(name, name), **style[name])
+        ax.plot(data[name]["acc_round"], data[name]["acc"], label=LABELS.get(name, name), **style[name])
     ax.set(xlabel="round", ylabel="mean top-1 (%), mean over seeds", title=f"{title}: the global model")
     finish(fig, [ax], os.path.join(out, f"curves{suffix}.png"))
 

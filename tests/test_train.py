@@ -171,6 +171,11 @@ def test_resume_finishes_the_rounds_it_was_started_with_and_never_goes_back(tmp_
     assert train(tmp_path, "--method", "fedit", "--resume") == 0                          # no --rounds: its own 2
     assert json.loads((run / "config.json").read_text())["rounds"] == 2
     assert [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert train(tmp_path, "--method", "fedit", "--resume", "--rounds", "2") == 0         # as many: nothing to run
+    assert (run / "checkpoint.safetensors").read_bytes() == files["checkpoint.safetensors"]
+    assert train(tmp_path, "--method", "fedit", "--resume", "--rounds", "3") == 0         # more: taken there
+    assert json.loads((run / "config.json").read_text())["rounds"] == 3
+    assert [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     # stopped after round 1 of 3: a plain --resume finishes the 3, not the dataset's default 20
     assert train(tmp_path, "--method", "fedit", "--rounds", "1", name="part") == 0
     cfg = json.loads((tmp_path / "part" / "config.json").read_text())
@@ -195,35 +200,53 @@ def test_a_run_that_diverges_or_is_interrupted_says_so_in_one_line_and_keeps_onl
     assert "no round was saved, so" in err[-1] and not (tmp_path / "nan").exists()
     assert not any("NaN" in line for line in err[:-1])                   # no per-client warnings before it
     assert train(tmp_path, "--method", "fedit", "--rounds", "1", name="nan") == 0   # the corrected command works
-    # an --out that existed (empty) stays, emptied again
-    (tmp_path / "empty").mkdir()
-    assert train(tmp_path, "--method", "fedit", "--lr", "1e30", "--rounds", "1", name="empty") == 3
-    assert (tmp_path / "empty").is_dir() and not list((tmp_path / "empty").iterdir())
-    capsys.readouterr()
-    # diverged in round 2, after round 1's checkpoint: kept, with the command that continues it
-    calls = []
-    real = fed.Federation.run_round
+    # an --out that existed stays, with what was there before (a splits/ folder of the user's) and nothing else
+    (tmp_path / "mine" / "splits").mkdir(parents=True)
+    (tmp_path / "mine" / "splits" / "clipart_train.txt").write_text("keep me\n")
+    assert train(tmp_path, "--method", "fedit", "--lr", "1e30", "--rounds", "1", name="mine") == 3
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["splits"]
+    assert (tmp_path / "mine" / "splits" / "clipart_train.txt").read_text() == "keep me\n"
+    assert f"what it wrote in {tmp_path / 'mine'} was removed" in capsys.readouterr().err
 
-    def second_diverges(self):
-        calls.append(1)
-        if len(calls) == 2:
-            raise fed.Diverged("round 2: every client's update was NaN/Inf, so training diverged; lower the client lr")
-        return real(self)
-    monkeypatch.setattr(fed.Federation, "run_round", second_diverges)
+    def fails_in_round(n, error):
+        calls, real = [], fed.Federation.run_round
+
+        def run_round(self):
+            calls.append(1)
+            if len(calls) == n:
+                raise error
+            return real(self)
+        return run_round
+    real = fed.Federation.run_round
     argv = [*TINY, "--out", str(tmp_path / "late"), "--method", "fedit", "--rounds", "3"]
+    # diverged in round 2, after round 1's checkpoint: kept, with the exact command that starts again lower
+    monkeypatch.setattr(fed.Federation, "run_round", fails_in_round(2, fed.Diverged("round 2: diverged")))
     assert train_module.main(argv) == 3
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    again = shlex.join(["python", "train.py", *argv, "--resume"])
-    assert err.endswith(f"rounds 1-1 are saved in {tmp_path / 'late'}: continue with `{again}`, or start again "
-                        "with another --out")
+    restart = [f"{tmp_path / 'late'}-lr0.005" if a == str(tmp_path / "late") else a for a in argv] + ["--lr", "0.005"]
+    assert err == (f"error: round 2: diverged; rounds 1-1 are saved in {tmp_path / 'late'}; start again at a lower "
+                   f"lr with `{shlex.join(['python', 'train.py', *restart])}`")
     assert (tmp_path / "late" / "checkpoint.safetensors").is_file()
+    # interrupted in round 2 of the resumed run: the line's command continues it
+    monkeypatch.setattr(fed.Federation, "run_round", fails_in_round(1, KeyboardInterrupt()))
+    assert train_module.main([*argv, "--resume"]) == 130
+    again = shlex.join(["python", "train.py", *argv, "--resume"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: interrupted; rounds 1-1 are saved in {tmp_path / 'late'}: continue with `{again}`, or start "
+        "again with another --out")
     monkeypatch.setattr(fed.Federation, "run_round", real)
-    assert train_module.main([*argv, "--resume"]) == 0                 # the printed command continues it
-    # interrupted (Ctrl-C) in round 1 of a new run: exit 130, nothing left behind
-    monkeypatch.setattr(fed.Federation, "run_round", lambda self: (_ for _ in ()).throw(KeyboardInterrupt()))
-    assert train(tmp_path, "--method", "fedit", "--rounds", "1", name="ctrlc") == 130
-    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: interrupted; no round was saved")
-    assert not (tmp_path / "ctrlc").exists()
+    assert train_module.main([*argv, "--resume"]) == 0
+    # Ctrl-C or SIGTERM in round 1 of a new run: exit 130 / 143, nothing left behind
+    for error, code, name in ((KeyboardInterrupt(), 130, "ctrlc"), (train_module.Terminated(), 143, "term")):
+        monkeypatch.setattr(fed.Federation, "run_round", fails_in_round(1, error))
+        assert train(tmp_path, "--method", "fedit", "--rounds", "1", name=name) == code
+        assert "no round was saved, so" in capsys.readouterr().err.strip().splitlines()[-1]
+        assert not (tmp_path / name).exists()
+    # any other failure (out of memory, a bug): the same cleanup, then its traceback
+    monkeypatch.setattr(fed.Federation, "run_round", fails_in_round(1, MemoryError()))
+    with pytest.raises(MemoryError):
+        train(tmp_path, "--method", "fedit", "--rounds", "1", name="oom")
+    assert not (tmp_path / "oom").exists()
 
 
 # ----------------------------------------------------------------------------- inputs as users bring them
@@ -527,7 +550,8 @@ def test_defined_combinations_run(tmp_path, method, init, centralised):
         assert torch.isfinite(torch.tensor([r["train_loss"], r["cos"], r["rel_err"], r["acc"]["mean"]])).all()
         assert len(r["clients"]) == (1 if centralised else 2)
     folded = method in ("flora", "fedex", "florist") or init == "fresh"
-    assert (tmp_path / "run" / "adapter" / "NOTE.txt").exists() == folded
+    note = (tmp_path / "run" / "adapter" / "NOTE.txt").read_text()          # TINY: --no-pretrained, said too
+    assert ("folded updates into the backbone" in note) == folded and "drawn at random (--no-pretrained)" in note
 
 
 @pytest.mark.parametrize("method", ["flora", "florist"])
