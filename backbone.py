@@ -53,6 +53,31 @@ def shapes_mixer(num_classes: int):
 SHAPES_MODELS = {"vit_shapes": shapes_vit, "mixer_shapes": shapes_mixer}   # --model names of the embedded backbones
 
 
+def _register_with_timm() -> None:
+    """Make the embedded backbones timm models: after `import backbone`,
+    `timm.create_model("vit_shapes", pretrained=True, num_classes=N)` builds one with its shipped
+    weights (a new head), so a run's merged.safetensors and adapter/ load as any timm model's do."""
+    from timm.models import is_model, register_model
+    exported = "__all__" in globals()
+    for name, build in SHAPES_MODELS.items():
+        if is_model(name):
+            continue
+
+        def entry(pretrained=False, num_classes=10, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None,
+                  _name=name, _build=build):
+            model = _build(num_classes)
+            if pretrained:
+                from safetensors.torch import load_file
+                missing, unexpected = model.load_state_dict(load_file(pretrained_shapes_backbone(
+                    model=_name, progress=False)), strict=False)
+                assert not unexpected and all(k.startswith("head.") for k in missing), (missing, unexpected)
+            return model
+        entry.__name__ = entry.__qualname__ = name
+        register_model(entry)
+    if not exported:                     # timm lists a registrant's models in its __all__: not this module's API
+        del globals()["__all__"]
+
+
 def pretrained_shapes_backbone(epochs: int = 12, per_domain: int = 2000, progress: bool = True,
                                cache: str = CACHE, model: str = "vit_shapes") -> str:
     """An embedded backbone (SHAPES_MODELS) trained on classes 10..39 of the shapes generator
@@ -341,3 +366,6 @@ def build_model(args, weights):
     except ValueError as e:
         raise ModelError(str(e).splitlines()[0])
     return model, cfg
+
+
+_register_with_timm()

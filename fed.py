@@ -43,6 +43,10 @@ FOLDS = ("flora", "fedex", "florist")         # fold an update into W0 every rou
 RESTARTS = ("flora", "florist")               # clients start every round from a fresh LoRA (A random, B = 0)
 
 
+class Diverged(RuntimeError):
+    """Every client's update of a round was NaN/Inf: training diverged (train.py: exit code 3)."""
+
+
 @dataclass
 class FedConfig:
     method: str = "lorafair"
@@ -311,12 +315,11 @@ class Federation:
         method's aggregation, the new global model, and the round's record."""
         cfg, t = self.cfg, self.round
         self.set_scaling(self.scale)
-        uploads, sizes, losses, dropped = [], [], [], [k for k in chosen if k not in {r[0] for r in results}]
+        uploads, sizes, losses, bad = [], [], [], []
+        dropped = [k for k in chosen if k not in {r[0] for r in results}]
         for k, up, loss in sorted(results, key=lambda x: x[0]):
             if not math.isfinite(loss) or not all(v.isfinite().all() for v in up.values()):
-                if self.rank == 0:
-                    warnings.warn(f"round {t}: client {k}'s update is NaN/Inf; left out of this round")
-                dropped.append(k)
+                bad.append(k)
                 continue
             if cfg.method == "fedsa":   # its own B (and head, as FedSA-LoRA's authors run it)
                 own = self.b_keys + (self.head_keys if cfg.local_head else [])
@@ -326,9 +329,12 @@ class Federation:
             uploads.append(self.to_global_units(self.clients[k], up, phase))
             sizes.append(self.clients[k].n)
             losses.append(loss)
-        dropped.sort()
+        if uploads and bad and self.rank == 0:
+            warnings.warn(f"round {t + 1}: the updates of clients {bad} are NaN/Inf; left out of this round")
+        dropped = sorted(dropped + bad)
         if not uploads:
-            raise RuntimeError(f"round {t}: every client's update was NaN/Inf; lower --lr")
+            raise Diverged(f"round {t + 1}: every client's update was NaN/Inf, so training diverged; "
+                           f"lower the client lr (--lr {cfg.lr:g})")
 
         tic = time.perf_counter()
         w = torch.tensor(sizes, dtype=torch.float64)

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import shutil
 import sys
 import time
 
@@ -30,7 +32,7 @@ from aggregators import AGGREGATORS
 from backbone import SHAPES_MODELS, ModelError, build_model, check_weights
 from data import (DATASETS, SHAPES_DOMAINS, DataError, image_domains, list_images, load_shapes, make_transform,
                   partition, shapes_task_classes, write_splits)
-from fed import Client, FedConfig, Federation
+from fed import Client, Diverged, FedConfig, Federation
 from lora import merged_state, peft_adapter
 
 DATASET_DEFAULTS = {
@@ -53,9 +55,55 @@ class UserError(Exception):
     """Bad input: printed as one line, exit code 2."""
 
 
+class Stopped(Exception):
+    """A run that stopped before its last round (diverged: exit code 3; interrupted: 130), with the
+    one line that says what was kept and how to go on."""
+
+    def __init__(self, line: str, code: int):
+        super().__init__(line)
+        self.code = code
+
+
+class Help(argparse.HelpFormatter):
+    """--help with each option's default: its own, or the dataset's (DATASET_DEFAULTS)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.default is None and any(action.dest in d for d in DATASET_DEFAULTS.values()):
+            per = {name: d[action.dest] for name, d in DATASET_DEFAULTS.items() if d.get(action.dest) is not None}
+            said = {str(v) for v in per.values()}
+            return text + (f" (default: {said.pop()})" if len(said) == 1 and len(per) == len(DATASET_DEFAULTS) else
+                           " (default: " + ", ".join(f"{v} on {name}" for name, v in per.items()) + ")")
+        if action.default is None or action.default is False:
+            return text
+        return text + " (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, with the closest choice or flag to a mistyped one."""
+
+    def _check_value(self, action, value):
+        import difflib
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            close = difflib.get_close_matches(str(value), [str(c) for c in action.choices or ()], 1)
+            raise argparse.ArgumentError(action, f"{e.message}; did you mean {close[0]!r}?" if close else e.message)
+
+    def error(self, message):
+        import difflib
+        if message.startswith("unrecognized arguments: "):
+            hints = [f"{a} (did you mean {c[0]}?)" for a in message.split(": ", 1)[1].split()
+                     if a.startswith("--") and (c := difflib.get_close_matches(a.split("=")[0], self._option_string_actions, 1))]
+            message += "; " + ", ".join(hints) if hints else ""
+        self.exit(2, f"error: {message} (all options: python train.py --help)\n")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Federated LoRA fine-tuning (LoRA-FAIR and baselines)")
-    p.add_argument("--method", default="lorafair", choices=list(AGGREGATORS))
+    p = Parser(description="Federated LoRA fine-tuning (LoRA-FAIR and baselines)", formatter_class=Help)
+    p.add_argument("--method", default="lorafair", choices=list(AGGREGATORS), help="aggregation method")
     p.add_argument("--dataset", default="shapes", choices=list(DATASET_DEFAULTS),
                    help="shapes: embedded, generated offline (default)")
     p.add_argument("--data-root", default=None,
@@ -66,28 +114,28 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-seed", type=int, default=0,
                    help="NICO++ without split files: seed of the train/test split made here (fixed across run seeds)")
     p.add_argument("--domains", default=None, help="comma-separated subset of the dataset's domains")
-    p.add_argument("--num-classes", type=int, default=None, help="DomainNet: first N classes (100; 345 = all)")
+    p.add_argument("--num-classes", type=int, default=None, help="DomainNet: the first N classes (345: all)")
     p.add_argument("--clients-per-domain", type=int, default=1, help="1 = feature non-IID (Table 1)")
     p.add_argument("--dirichlet", type=float, default=0.5, help="label skew within a domain when >1 client each")
-    p.add_argument("--n-train", type=int, default=None, help="shapes: training images per domain (320)")
-    p.add_argument("--n-test", type=int, default=None, help="shapes: test images per domain (200)")
+    p.add_argument("--n-train", type=int, default=None, help="shapes: training images per domain")
+    p.add_argument("--n-test", type=int, default=None, help="shapes: test images per domain")
     p.add_argument("--norm", default="model", choices=["model", "clip"], help="normalisation statistics")
-    p.add_argument("--model", default=None, help="timm ViT or MLP-Mixer name (default per dataset)")
-    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--model", default=None, help="timm ViT or MLP-Mixer name")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="start from pretrained weights")
     p.add_argument("--checkpoint", default=None,
                    help="local backbone weights: .safetensors, .pth/.bin/.pth.tar (timm training checkpoints too), "
                         "Google's ViT .npz, or a folder holding model.safetensors")
-    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank r")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default max(8, 2 r), per client with --ranks)")
     p.add_argument("--ranks", default=None,
                    help="heterogeneous ranks: a list cycled over the clients (or domains, --rank-by), e.g. 4,8,16 "
                         "(the global adapter's rank is their maximum; overrides --rank)")
     p.add_argument("--rank-by", default="client", choices=["client", "domain"],
                    help="--ranks entry i goes to client i, or to every client of domain i (domains in dataset order)")
-    p.add_argument("--lora-dropout", type=float, default=0.1)
+    p.add_argument("--lora-dropout", type=float, default=0.1, help="dropout on each LoRA layer's input")
     p.add_argument("--lora-targets", default=None, help="comma-separated module names, e.g. attn.qkv,attn.proj")
-    p.add_argument("--rounds", type=int, default=None)
-    p.add_argument("--local-epochs", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None, help="communication rounds (with --resume: the run's own unless given)")
+    p.add_argument("--local-epochs", type=int, default=None, help="local epochs a client a round")
     p.add_argument("--local-steps", type=int, default=None, help="cap on local steps per round")
     p.add_argument("--client-init", default="global", choices=["global", "fresh", "local"],
                    help="clients start a round from the global adapter (paper), a fresh LoRA, or their own last one")
@@ -96,20 +144,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--centralised", action="store_true",
                    help="reference run: one client holding every domain's training data")
     p.add_argument("--participation", type=float, default=1.0, help="fraction of clients per round")
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--eval-every", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="client SGD learning rate")
+    p.add_argument("--batch-size", type=int, default=None, help="client batch size")
+    p.add_argument("--eval-every", type=int, default=None, help="evaluate every N rounds (and after the last)")
     p.add_argument("--fair-solver", default="fixed-point", choices=["fixed-point", "sgd"],
                    help="LoRA-FAIR's server step: Eq. 8 solved to convergence, or the published plain SGD (docs/lorafair.md)")
     p.add_argument("--fair-steps", type=int, default=None,
                    help="fixed-point iterations (20), or SGD steps (1000, the paper's)")
     p.add_argument("--fair-lr", type=float, default=None, help="SGD's step size (0.01, the paper's)")
-    p.add_argument("--fair-lam", type=float, default=0.01)
-    p.add_argument("--fair-init", default="zeros", choices=["zeros", "xavier"])
-    p.add_argument("--fair-similarity", default="flat", choices=["flat", "column"])
+    p.add_argument("--fair-lam", type=float, default=0.01, help="Eq. 8's lambda")
+    p.add_argument("--fair-init", default="zeros", choices=["zeros", "xavier"], help="SGD's starting dB")
+    p.add_argument("--fair-similarity", default="flat", choices=["flat", "column"], help="SGD's cosine: of the flattened matrices or per column")
     p.add_argument("--fair-correct", default="B", choices=["B", "A", "both"], help="which factor gets a residual")
     p.add_argument("--fair-objective", default="cosine", choices=["cosine", "lsq"],
-                   help="Eq. 8 by SGD (the paper), or its closed-form ridge least-squares cousin (docs/lorafair.md)")
+                   help="Eq. 8's cosine objective, or its closed-form ridge least-squares cousin (docs/lorafair.md)")
     p.add_argument("--hetlora-use-p", action="store_true",
                    help="hetlora: weight clients by p_k ||B_k A_k|| instead of ||B_k A_k|| alone")
     p.add_argument("--florist-tau", type=float, default=0.9, help="florist: share of sum sigma^2 the kept components reach")
@@ -122,10 +170,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true",
                    help="GPU: deterministic kernels only (torch.use_deterministic_algorithms), so that the same "
                         "seed gives the same result; CPU runs are repeatable without it")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/latest")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
+    p.add_argument("--out", default="runs/latest", help="the run's folder (README: what a run leaves)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: only when stderr is a terminal, so a log file gets none)")
     p.add_argument("--dist-timeout", type=float, default=600,
                    help="torchrun: seconds a process waits for the others before ending with an error")
     return p
@@ -134,7 +183,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fill per-dataset defaults and validate; raise UserError on bad values."""
     for k, v in DATASET_DEFAULTS[args.dataset].items():
-        if getattr(args, k, None) is None:
+        if getattr(args, k, None) is None and not (k == "rounds" and args.resume):   # resumed: the run's own
             setattr(args, k, v)
     args.client_alphas = None
     if args.ranks:
@@ -160,8 +209,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--lr must be > 0, got {args.lr}")
     if not 0 < args.participation <= 1:
         raise UserError(f"--participation must be in (0, 1], got {args.participation}")
-    if args.rounds < 0 or args.batch_size <= 0 or args.eval_every <= 0:
-        raise UserError("--rounds must be >= 0, --batch-size and --eval-every > 0")
+    if (args.rounds is not None and args.rounds < 1) or args.batch_size <= 0 or args.eval_every <= 0:
+        raise UserError("--rounds, --batch-size and --eval-every must be > 0")
     if args.local_epochs <= 0 and not args.local_steps:
         raise UserError("--local-epochs must be > 0 unless --local-steps is given")
     check_unused_fair_options(args)
@@ -343,15 +392,36 @@ def config_diff(old: dict, args) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} vs {new.get(k)!r}" for k in diff[:4])
 
 
-def save_checkpoint(fed: Federation, out: str) -> None:
+UMASK = os.umask(0o022)   # read once (os.umask sets as it reads), then restored
+os.umask(UMASK)
+
+
+def save_tensors(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    """safetensors file written atomically (a .tmp renamed), readable as the umask allows (the
+    library itself creates files only their owner can read)."""
     from safetensors.torch import save_file
-    tmp = os.path.join(out, "checkpoint.safetensors.tmp")
-    save_file(fed.state_tensors(), tmp, metadata={"round": str(fed.round)})
-    os.replace(tmp, os.path.join(out, "checkpoint.safetensors"))
+    save_file(tensors, path + ".tmp", metadata=metadata)
+    os.chmod(path + ".tmp", 0o666 & ~UMASK)
+    os.replace(path + ".tmp", path)
+
+
+def save_checkpoint(fed: Federation, out: str) -> None:
+    save_tensors(fed.state_tensors(), os.path.join(out, "checkpoint.safetensors"), {"round": str(fed.round)})
+
+
+def checkpoint_round(path: str) -> int:
+    """The rounds a checkpoint.safetensors holds (0 if there is none)."""
+    if not os.path.isfile(path):
+        return 0
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return int(f.metadata()["round"])
 
 
 def check_out(args) -> bool:
-    """Check --out without touching it; return whether a checkpoint is there to resume from."""
+    """Check --out without touching it; return whether a checkpoint is there to resume from. A
+    resumed run without --rounds finishes the rounds it was started with; fewer rounds than its
+    checkpoint holds are refused."""
     out = args.out
     cfg_path, ckpt = os.path.join(out, "config.json"), os.path.join(out, "checkpoint.safetensors")
     if os.path.exists(out) and not os.path.isdir(out):
@@ -375,28 +445,41 @@ def check_out(args) -> bool:
     diff = config_diff(old, args)
     if diff:
         raise UserError(f"--resume: {out} was run with a different configuration ({diff})")
-    return os.path.isfile(ckpt)    # no checkpoint: stopped during round 1, so it starts again from round 0
+    done = checkpoint_round(ckpt)  # no checkpoint: stopped during round 1, so it starts again from round 0
+    if args.rounds is None:
+        args.rounds = old["rounds"]
+    elif args.rounds < done:
+        raise UserError(f"--resume --rounds {args.rounds}: {out} has already run {done} rounds; pass --rounds "
+                        f">= {done}, or leave --rounds out to finish the {old['rounds']} it was started with")
+    return os.path.isfile(ckpt)
 
 
-def write_out(args, listing) -> None:
-    """The run's first files, once every check has passed: config.json and a split made here."""
+def write_out(args, listing) -> list[str]:
+    """The run's first files, once every check has passed: config.json and a split made here.
+    Returns what a new run created (the folder, or the files in it), for `stopped` to remove."""
+    made_splits = listing is not None and listing.split_dir is None and not args.resume
+    names = [*RUN_FILES, "checkpoint.safetensors.tmp", "adapter", *(["splits"] if made_splits else [])]
+    created = [] if args.resume else [args.out] if not os.path.exists(args.out) else \
+        [p for n in names if not os.path.exists(p := os.path.join(args.out, n))]
     os.makedirs(args.out, exist_ok=True)
-    if listing is not None and listing.split_dir is None and not args.resume:
+    if made_splits:
         write_splits(listing, os.path.join(args.out, "splits"))
     path = os.path.join(args.out, "config.json")   # resumed: only RESUME_FREE entries (e.g. rounds) change
     with open(path + ".tmp", "w") as f:
         json.dump(config_of(args), f, indent=1)
     os.replace(path + ".tmp", path)
+    return created
 
 
-def agree(world: int, rank: int, error: Exception | None, value: bool = False, device: str = "cpu") -> bool:
+def agree(world: int, rank: int, error: Exception | None, values: tuple[int, ...] = (), device: str = "cpu") -> tuple:
     """Raise on every process if any process failed (torchrun), so none waits for the others;
-    return rank 0's `value` (whether --out, which only rank 0 writes, has a checkpoint)."""
+    return rank 0's `values` (integers, e.g. whether --out, which only rank 0 reads, has a
+    checkpoint, and the rounds its config.json asks for)."""
     if world == 1:
         if error is not None:
             raise error
-        return value
-    mine = torch.tensor([error is not None, bool(value)], dtype=torch.long, device=device)
+        return tuple(values)
+    mine = torch.tensor([error is not None, *values], dtype=torch.long, device=device)
     found = [torch.empty_like(mine) for _ in range(world)]
     torch.distributed.all_gather(found, mine)
     failed = [r for r, f in enumerate(found) if f[0]]
@@ -404,7 +487,7 @@ def agree(world: int, rank: int, error: Exception | None, value: bool = False, d
         raise error
     if failed:
         raise UserError(f"rank {failed[0]} stopped with an error (printed by that process)")
-    return bool(found[0][1])
+    return tuple(int(v) for v in found[0][1:])
 
 
 def setup_distributed(args) -> tuple[int, int, bool]:
@@ -427,8 +510,21 @@ def setup_distributed(args) -> tuple[int, int, bool]:
     return dist.get_rank(), dist.get_world_size(), created
 
 
+class Terminated(Exception):
+    """SIGTERM (a scheduler's or `kill`'s stop): ends the run like Ctrl-C, exit code 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
+    import signal
+    import threading
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     rank, world, created = 0, 1, False
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
@@ -438,10 +534,17 @@ def main(argv=None) -> int:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         rank, world, created = setup_distributed(args)
-        return run(args, rank, world)
+        return run(args, rank, world, argv)
     except (UserError, DataError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:           # before --out was written (after it: Stopped)
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
     except RuntimeError as e:   # a rank died or timed out: end here too, never hang
         lost = isinstance(e, torch.distributed.DistError) or any(w in str(e) for w in ("gloo", "NCCL", "peer"))
         if world == 1 or not lost:
@@ -456,12 +559,10 @@ def main(argv=None) -> int:
             torch.distributed.destroy_process_group()
 
 
-def run(args, rank: int = 0, world: int = 1) -> int:
-    from safetensors import safe_open
-    from tqdm.auto import tqdm
-
+def run(args, rank: int = 0, world: int = 1, argv: list[str] = ()) -> int:
+    """Check everything, build the model and data, write --out's first files, then train_rounds."""
     lead = rank == 0                     # logging, progress bars and files: rank 0 only
-    args.progress = args.progress and lead
+    args.progress = (sys.stderr.isatty() if args.progress is None else args.progress) and lead
     listing = error = resume = None
     try:                                 # every check first (cheap), then the expensive work; nothing written
         resume = check_out(args) if lead else None
@@ -480,18 +581,67 @@ def run(args, rank: int = 0, world: int = 1) -> int:
         model, model_cfg = build_model(args, weights)
     except (UserError, DataError, ModelError) as e:
         error = e
-    resume = agree(world, rank, error, resume, args.device)
+    resume, args.rounds = agree(world, rank, error, (bool(resume), args.rounds or 0), args.device)
     for d in domains if listing is not None else ():
         d.train.transform = d.test.transform = make_transform(model_cfg, args.norm)
     device = torch.device(args.device)
     model.to(device)
-    error = None
+    error, created = None, []
     if lead:
         try:
-            write_out(args, listing)
+            created = write_out(args, listing)
         except OSError as e:
             error = UserError(f"cannot write to --out {args.out}: {e}")
     agree(world, rank, error, device=args.device)
+    try:
+        return train_rounds(args, rank, world, listing, domains, clients, model, device, resume)
+    except (Diverged, KeyboardInterrupt, Terminated) as e:
+        code = 3 if isinstance(e, Diverged) else 143 if isinstance(e, Terminated) else 130
+        raise Stopped(stopped(args, argv, e, created if lead else []), code) from None
+    except BaseException as e:       # anything else (out of memory, a bug): the same cleanup, then the traceback
+        if lead:
+            print(f"error: {type(e).__name__}; " + stopped(args, argv, e, created), file=sys.stderr)
+        raise
+
+
+def stopped(args, argv: list[str], e: BaseException, created: list[str]) -> str:
+    """What a run that stopped early says. A new run with no round saved removes what it wrote
+    (`created`), so the corrected command simply works; otherwise the checkpoint stays, and the
+    line gives the commands that continue it or start again elsewhere."""
+    what = {KeyboardInterrupt: "interrupted", Terminated: "terminated (SIGTERM)"}.get(type(e), str(e))
+    done = checkpoint_round(os.path.join(args.out, "checkpoint.safetensors"))
+    if not done and created:
+        for path in filter(os.path.exists, created):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        gone = f"{args.out} was removed again" if args.out in created else f"what it wrote in {args.out} was removed"
+        return f"{what}; no round was saved, so {gone}"
+    plain = [a for a in argv if a != "--resume"]
+    again = shlex.join(["python", "train.py", *plain, "--resume"])
+    if isinstance(e, Diverged):      # continuing would diverge again: start over, lr / 10, beside the run
+        lr = f"{args.lr / 10:g}"
+        restart = shlex.join(["python", "train.py", *with_flag(with_flag(plain, "--lr", lr), "--out",
+                                                                  f"{args.out.rstrip('/')}-lr{lr}")])
+        return f"{what}; rounds 1-{done} are saved in {args.out}; start again at a lower lr with `{restart}`"
+    if not done:
+        return f"{what}; no round of it was saved; run it again with `{again}`"
+    return (f"{what}; rounds 1-{done} are saved in {args.out}: continue with `{again}`, "
+            f"or start again with another --out")
+
+
+def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    """argv with `flag value` set: replaced where given (also as --flag=value), else appended."""
+    out = [a for a in argv if not a.startswith(flag + "=")]
+    if flag in out:
+        out[out.index(flag) + 1] = value
+        return out
+    return [*out, flag, value]
+
+
+def train_rounds(args, rank, world, listing, domains, clients, model, device, resume) -> int:
+    """The rounds, the final evaluation and the outputs (rank 0 writes every file)."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+    lead = rank == 0
     if lead and listing is not None and listing.split_dir is None and not args.resume:
         print(f"{args.dataset}: no split files found, so each (domain, class) was split train/test here "
               f"(seed {args.split_seed}); written to {args.out}/splits, reuse with --splits {args.out}/splits",
@@ -515,7 +665,8 @@ def run(args, rank: int = 0, world: int = 1) -> int:
                   "checkpoint)"), file=sys.stderr)
     if lead:
         print(f"{args.method} on {args.dataset}: {len(clients)} clients over {len(domains)} domains, model "
-              f"{args.model}, rank {args.rank}, {args.rounds} rounds, {world} process(es), device {device}",
+              f"{args.model}, " + (f"ranks {args.ranks} (global rank {args.rank})" if args.ranks else f"rank {args.rank}")
+              + f", {args.rounds} rounds, {world} process(es), device {device}",
               file=sys.stderr)
 
     acc = None
@@ -560,42 +711,56 @@ def run(args, rank: int = 0, world: int = 1) -> int:
 def export(args, fed: Federation) -> None:
     """The final global model for other tools: <out>/merged.safetensors (timm's own state dict,
     adapters merged, folds included, head included) and <out>/adapter/ (HF PEFT's format)."""
-    from safetensors.torch import save_file
     merged = {k: v.detach().cpu().contiguous() for k, v in merged_state(fed.model).items()}
-    save_file(merged, os.path.join(args.out, "merged.safetensors.tmp"), metadata={"model": args.model})
-    os.replace(os.path.join(args.out, "merged.safetensors.tmp"), os.path.join(args.out, "merged.safetensors"))
-    config, tensors = peft_adapter(fed.model, args.model)
+    holds = "the global model" + (": shared A, the clients' B averaged" if args.method == "fedsa" else "")
+    save_tensors(merged, os.path.join(args.out, "merged.safetensors"), {"model": args.model, "holds": holds})
+    config, tensors = peft_adapter(fed.model, args.checkpoint or args.model)   # the base weights it goes on
     folder = os.path.join(args.out, "adapter")
     os.makedirs(folder, exist_ok=True)
-    save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(folder, "adapter_model.safetensors"))
+    save_tensors({k: v.cpu() for k, v in tensors.items()}, os.path.join(folder, "adapter_model.safetensors"))
     with open(os.path.join(folder, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=1)
-    folded = fed.folds
+    notes, says = [], []                 # adapter/NOTE.txt: what the adapter alone does not carry
+    if fed.folds:   # the backbone itself was changed: the adapter alone does not hold the trained model
+        notes.append(f"This run ({args.method}, --client-init {args.client_init}) folded updates into the backbone "
+                     "weights, which a PEFT adapter cannot carry: loaded on the original backbone, this adapter "
+                     "leaves them out. The trained model is ../merged.safetensors.")
+        says.append(f"{args.method} changed the backbone weights; use {args.out}/merged.safetensors, not the "
+                    "adapter alone")
+    if args.method == "fedsa":   # personalised: the printed accuracy is not the exported model's
+        own = "B and head" if args.local_head else "B"
+        notes.append(f"FedSA-LoRA keeps each client's own {own}. The accuracy this run printed scores every client "
+                     f"with its own {own} (averaged per domain). ../merged.safetensors and this adapter hold the "
+                     "global model instead: the shared A with the clients' B averaged (the head averaged too). "
+                     "Each client's own tensors are in ../final.safetensors under client<k>/.")
+        says.append(f"fedsa's printed accuracy is each client's own {own}; {args.out}/merged.safetensors and "
+                    "adapter/ hold the global model (B averaged): adapter/NOTE.txt")
+    if not args.pretrained and not args.checkpoint:
+        notes.append("The backbone's weights were drawn at random (--no-pretrained), so no base model it could be "
+                     "loaded on can be rebuilt; the trained model is ../merged.safetensors.")
     note = os.path.join(folder, "NOTE.txt")
-    if folded:   # the backbone itself was changed: the adapter alone does not hold the trained model
+    if notes:
         with open(note, "w") as f:
-            f.write(f"This run ({args.method}, --client-init {args.client_init}) folded updates into the backbone "
-                    "weights, which a PEFT adapter cannot carry: loaded on the original backbone, this adapter "
-                    "leaves them out. The trained model is ../merged.safetensors.\n")
-        print(f"note: {args.method} changed the backbone weights; use {args.out}/merged.safetensors, not the "
-              "adapter alone", file=sys.stderr)
+            f.write("\n\n".join(notes) + "\n")
     elif os.path.exists(note):
         os.remove(note)
+    for line in says:
+        print(f"note: {line}", file=sys.stderr)
 
 
 def finish(args, fed: Federation, acc: dict) -> None:
     """Rank 0, after the last round: report, final.safetensors, exports."""
-    from safetensors.torch import save_file
     if fed.unreadable():
         print("warning: images that could not be decoded were left out of training and evaluation: " + ", ".join(
             f"{d} {n['train']} train / {n['test']} test" for d, n in fed.unreadable().items()), file=sys.stderr)
     final = {k: v for k, v in fed.state_tensors().items() if k.startswith(("global/", "base/", "client"))}
-    save_file(final, os.path.join(args.out, "final.safetensors.tmp"), metadata={"method": args.method})
-    os.replace(os.path.join(args.out, "final.safetensors.tmp"), os.path.join(args.out, "final.safetensors"))
+    save_tensors(final, os.path.join(args.out, "final.safetensors"), {"method": args.method})
     export(args, fed)
     print(f"\n{'domain':<12s} top-1 (%)")
     for name, a in acc.items():
         print(f"{name:<12s} {100 * a:6.2f}")
+    print(f"outputs in {args.out}/: config.json, metrics.jsonl, final.safetensors, merged.safetensors (the model, "
+          "adapters merged), adapter/ (PEFT); how to load them: README, 'What a run leaves'", file=sys.stderr)
 
 
 if __name__ == "__main__":

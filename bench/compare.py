@@ -122,7 +122,9 @@ ABLATIONS = {   # each against LoRA-FAIR's defaults (first two rows: the runs of
     "clients start fresh": ["--method", "lorafair", "--client-init", "fresh"],
     "clients start local": ["--method", "lorafair", "--client-init", "local"],
 }
-LABELS = {"hetlora": "hetlora (aggregation step only)"}   # no rank self-pruning (docs/methods.md)
+LABELS = {"hetlora": "hetlora (aggregation step only)"}
+PALETTE = ["fedit", "lorafair", "ffa", "flora", "flexlora", "centralised", "fedex", "fedsa", "rolora", "lorafair sgd",
+           "hetlora", "rbla", "florist", *LSQ, *(k for k in ABLATIONS if k not in ("fedit", "lorafair", "lorafair sgd"))]   # no rank self-pruning (docs/methods.md)
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086]   # Student's t, 97.5% quantile, 1..20 degrees of freedom
 
@@ -151,18 +153,19 @@ def with_flags(argv: list[str], flags: list[str]) -> list[str]:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="shapes", choices=["shapes", "domainnet", "nicopp"])
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--setting", default="feature", choices=list(SETTINGS))
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default="shapes", choices=["shapes", "domainnet", "nicopp"], help="the data")
+    p.add_argument("--data-root", default=None, help="DomainNet / NICO++: as train.py takes it")
+    p.add_argument("--setting", default="feature", choices=list(SETTINGS), help="the cell (module docstring)")
     p.add_argument("--backbone", default="vit", choices=list(BACKBONES), help="shapes: the embedded ViT or Mixer")
     p.add_argument("--all", action="store_true", help="every (setting, backbone) cell of ALL, one after another")
-    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated run seeds")
     p.add_argument("--only", default=None, help="comma-separated subset of the variants")
     p.add_argument("--ablations", action="store_true", help="run LoRA-FAIR's ablations instead of the methods")
     p.add_argument("--closed-form", action="store_true", help="add LoRA-FAIR's closed form (LSQ) at lam 0 and 0.01")
     p.add_argument("--ranks", default=None, help="heterogeneous client ranks for every variant, e.g. 4,8,16")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
+    p.add_argument("--replot", action="store_true", help="only redraw every cell's plots from its curves.csv")
     p.add_argument("--out", default=os.path.join("bench", "results"),
                    help="folder of every cell's results: <out>/<dataset>-<setting>-<backbone>[-...]")
     return p
@@ -338,7 +341,7 @@ def cell(args, extra: list[str], setting: str, backbone: str):
                   "--only / with every seed)", file=sys.stderr)
         write_table(results, seeds, out, args, setting, backbone, base, fed, variants.get("centralised"), suffix)
         write_curves(results, seeds, out, suffix)
-        plot(results, out, f"{tag}", suffix)
+        plot(series(results), out, tag, suffix)
     return jobs, report
 
 
@@ -364,8 +367,7 @@ def write_table(results, seeds, out, args, setting, backbone, base, fed, central
         cells = [fmt([r[-1]["acc"][d] for r in runs]) for d in domains]
         mean = [r[-1]["acc"]["mean"] for r in runs]
         delta = "" if runs is ref or ref is None else paired(mean, [r[-1]["acc"]["mean"] for r in ref])
-        variant = name.startswith("lorafair ") or (args.ablations and name not in ("fedit", "lorafair"))
-        delta_fair = paired(mean, [r[-1]["acc"]["mean"] for r in fair]) if fair and variant else ""
+        delta_fair = paired(mean, [r[-1]["acc"]["mean"] for r in fair]) if fair and name != "lorafair" else ""
         avg = lambda key: statistics.mean(statistics.mean(rec[key] for rec in r) for r in runs)   # noqa: E731
         has = all(key in rec for r in runs for rec in r for key in ("cos_fedit", "ceiling"))
         wire = [(rec["bytes"]["up"] + rec["bytes"]["down"]) / 1e6 for r in runs for rec in r if "bytes" in rec]
@@ -403,47 +405,133 @@ def write_curves(results, seeds, out, suffix="") -> None:
                                 rec.get("scale", ""), rec.get("eq8_0", ""), rec.get("eq8", "")])
 
 
-def plot(results, out, title, suffix="") -> None:
+def series(results) -> dict:
+    """{variant: {key: [mean over seeds, per round]}} for the plots, keys round, acc (%), cos,
+    ceiling, scale (a key some runs lack is left out)."""
+    out = {}
+    for name, runs in results.items():
+        n = min(len(r) for r in runs)
+        rated = [i for i in range(n) if all("acc" in r[i] for r in runs)]      # --eval-every > 1: some rounds
+        out[name] = {"round": [runs[0][i]["round"] for i in range(n)], "acc_round": [runs[0][i]["round"] for i in rated],
+                     "acc": [statistics.mean(100 * r[i]["acc"]["mean"] for r in runs) for i in rated]}
+        for key in ("cos", "ceiling", "scale"):
+            if all(key in r[i] and r[i][key] != "" for r in runs for i in range(n)):
+                out[name][key] = [statistics.mean(float(r[i][key]) for r in runs) for i in range(n)]
+    return out
+
+
+def series_from_csv(path: str) -> dict:
+    """The same from a committed curves.csv (so that plots are redrawn without the runs)."""
+    runs = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            rec = {"round": int(row["round"]), **{k: row[k] for k in ("cos", "ceiling", "scale") if row.get(k, "") != ""},
+                   **({"acc": {"mean": float(row["mean_acc"])}} if row["mean_acc"] != "" else {})}
+            runs.setdefault(row["variant"], {}).setdefault(row["seed"], []).append(rec)
+    return series({name: list(seeds.values()) for name, seeds in runs.items()})
+
+
+def plot(data: dict, out: str, title: str, suffix: str = "") -> None:
+    """curves.png (accuracy per round) and bias.png (cosine to dW against the ceiling, and the
+    applied update's scale) from `series`: one colour and line style per variant, integer rounds,
+    legends beside the axes."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    names = list(data)
+    colour = [plt.cm.tab10(i) for i in range(10)] + [plt.cm.tab20(2 * i + 1) for i in range(10)]   # 20 hues
+    order = [n for n in [*PALETTE, *names] if n in names]             # fixed order: FedIT, then LoRA-FAIR, ...
+    order = list(dict.fromkeys(order))
+    style = {name: dict(color=colour[i % 20], ls=("-", "--", "-.", (0, (1, 1)))[i % 4], marker="osD^v<>ph*"[i % 10],
+                        ms=4) for i, name in enumerate(order)}
 
-    def per_round(runs, key):
-        return [statistics.mean(r[i][key] for r in runs) for i in range(len(runs[0]))]
-    color = {name: plt.cm.tab20(i % 20) for i, name in enumerate(results)}   # one colour a variant, up to 20
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, runs in results.items():
-        acc = [statistics.mean(100 * r[i]["acc"]["mean"] for r in runs) for i in range(len(runs[0]))]
-        ax.plot([rec["round"] for rec in runs[0]], acc, marker="o", ms=3, label=name, color=color[name])
-    ax.set(xlabel="round", ylabel="mean top-1 (%)", title=f"{title}: global model, mean over seeds")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, f"curves{suffix}.png"), dpi=110)
-    plt.close(fig)
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, runs in results.items():
-        if name == "centralised" or not all("ceiling" in rec for rec in runs[0]):
+    def finish(fig, axes, path):
+        for ax in axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.tight_layout()
+        handles, labels = axes[0].get_legend_handles_labels()     # every variant the first axes shows
+        fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.93), fontsize=8, frameon=False)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name in names:
+        ax.plot(data[name]["acc_round"], data[name]["acc"], label=LABELS.get(name, name), **style[name])
+    ax.set(xlabel="round", ylabel="mean top-1 (%), mean over seeds", title=f"{title}: the global model")
+    finish(fig, [ax], os.path.join(out, f"curves{suffix}.png"))
+
+    biased = [n for n in names if n != "centralised" and "ceiling" in data[n]]
+    if not biased:                              # runs logged before the ceiling: no bias plot
+        return
+    scaled = any("scale" in data[n] for n in biased)          # runs logged before the scale have none
+    fig, axes = plt.subplots(1, 1 + scaled, figsize=(12 if scaled else 6.5, 4.2), squeeze=False)
+    ax, bx = axes[0][0], axes[0][-1]
+    for name in biased:
+        d = data[name]
+        ax.plot(d["round"], d["cos"], label=LABELS.get(name, name), **style[name])
+        ax.plot(d["round"], d["ceiling"], color=style[name]["color"], ls=":", lw=1)
+        if "scale" in d:
+            bx.plot(d["round"], d["scale"], label=LABELS.get(name, name), **style[name])
+    ax.set(xlabel="round", ylabel="cos(dW, applied), mean over layers and seeds",
+           title="cosine to dW (dotted: the ceiling of any refined B)")
+    if scaled:
+        bx.set(xlabel="round", ylabel="||applied|| / ||dW||, mean over layers and seeds", yscale="log",
+               title="scale of the applied update (1: that of dW)")
+        bx.axhline(1.0, color="grey", lw=0.5)
+    fig.suptitle(title)
+    finish(fig, list(axes[0]), os.path.join(out, f"bias{suffix}.png"))
+
+
+def refill_fair_column(table: str, csv_path: str) -> None:
+    """Fill a table's "Δ vs lorafair" column for every row from curves.csv (each seed's last
+    round), for tables written when it held LoRA-FAIR's own variants only."""
+    final = {}
+    with open(csv_path) as f:
+        for row in csv.DictReader(f):
+            if row["mean_acc"] != "":
+                final.setdefault(row["variant"], {})[int(row["seed"])] = (int(row["round"]), float(row["mean_acc"]))
+    if "lorafair" not in final:
+        return
+    seeds = sorted(final["lorafair"])
+    fair = [final["lorafair"][s][1] for s in seeds]
+    with open(table) as f:
+        lines = f.read().split("\n")
+    head = next((i for i, line in enumerate(lines) if line.startswith("| method |")), None)
+    if head is None or "Δ vs lorafair" not in lines[head]:
+        return
+    col = lines[head].split(" | ").index("Δ vs lorafair")
+    for i in range(head + 2, len(lines)):
+        cells = lines[i].split(" | ")
+        name = next((n for n in final if LABELS.get(n, n) == cells[0].lstrip("| ")), None)
+        if not lines[i].startswith("| ") or name in (None, "lorafair") or sorted(final[name]) != seeds:
             continue
-        rounds = [rec["round"] for rec in runs[0]]
-        ax.plot(rounds, per_round(runs, "cos"), marker="o", ms=3, label=name, color=color[name])
-        ax.plot(rounds, per_round(runs, "ceiling"), ls=":", color=color[name])
-        if all("scale" in rec for r in runs for rec in r):     # runs logged before the scale: left out
-            bx.plot(rounds, per_round(runs, "scale"), marker="o", ms=3, label=name, color=color[name])
-    ax.set(xlabel="round", ylabel="cosine to dW, mean over layers and seeds",
-           title=f"{title}: achieved (solid) vs ceiling of any refined B (dotted)")
-    bx.set(xlabel="round", ylabel="||dW_applied|| / ||dW||, mean over layers and seeds", yscale="log",
-           title="scale of the applied update (1: that of dW)")
-    bx.axhline(1.0, color="grey", lw=0.5)
-    ax.legend(fontsize=7)
-    if bx.lines[1:]:
-        bx.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, f"bias{suffix}.png"), dpi=110)
-    plt.close(fig)
+        cells[col] = paired([final[name][s][1] for s in seeds], fair)
+        lines[i] = " | ".join(cells)
+    with open(table, "w") as f:
+        f.write("\n".join(lines))
+
+
+def replot(root: str) -> list[str]:
+    """Redraw the plots of every cell under `root` from its committed curves.csv, and fill its
+    table's Δ vs lorafair column."""
+    done = []
+    for cell in sorted(os.listdir(root)):
+        for suffix in ("", "-partial"):
+            path = os.path.join(root, cell, f"curves{suffix}.csv")
+            if os.path.isfile(path):
+                plot(series_from_csv(path), os.path.join(root, cell), cell, suffix)
+                if os.path.isfile(table := os.path.join(root, cell, f"table{suffix}.md")):
+                    refill_fair_column(table, path)
+                done.append(path)
+    return done
 
 
 def main(argv=None):
     args, extra = get_args_parser().parse_known_args(argv)
+    if args.replot:
+        print("\n".join(f"redrew the plots of {path}" for path in replot(args.out)))
+        return
     cells = [cell(args, extra, setting, backbone) for setting, backbone in
              (ALL if args.all else [(args.setting, args.backbone)])]
     try:

@@ -17,8 +17,6 @@ def test_a_run_is_reused_only_with_the_same_settings(tmp_path, capsys):
     assert "reusing" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"holds a run with other settings \(lr: 0.05 there, 0.1 asked\)"):
         compare.plan("fedit", [*argv, "--lr", "0.1"], out)
-    with pytest.raises(SystemExit, match="holds a run of 1 rounds, 0 asked"):
-        compare.plan("fedit", [*TINY, "--method", "fedit", "--rounds", "0", "--seed", "0"], out)
     more = [*TINY, "--method", "fedit", "--rounds", "2", "--seed", "0"]
     assert "--resume" in compare.plan("fedit", more, out)                     # asked for more rounds: continued
     first_round = compare.metrics(out)[0]
@@ -30,6 +28,8 @@ def test_a_run_is_reused_only_with_the_same_settings(tmp_path, capsys):
             path = os.path.join(out, name)
             os.remove(path) if os.path.isfile(path) else __import__("shutil").rmtree(path)
     assert compare.plan("fedit", more, out) is None                         # rebuilt from them, not rerun
+    with pytest.raises(SystemExit, match="holds a run of 2 rounds, 1 asked"):
+        compare.plan("fedit", argv, out)
 
 
 def test_a_table_is_never_replaced_by_one_of_fewer_seeds_or_variants(tmp_path):
@@ -89,7 +89,7 @@ def test_all_runs_every_cell_in_one_pool_each_shared_run_once_longest_first(tmp_
     monkeypatch.setattr(compare, "plan", lambda name, argv, out: [*argv, "--out", out])   # nothing there yet
     monkeypatch.setattr(compare, "run_all", lambda jobs, parallel: ran.append(jobs))
     monkeypatch.setattr(compare, "metrics", lambda out: reported.append(out) or [{"round": 1}])
-    for name in ("write_table", "write_curves", "plot"):
+    for name in ("write_table", "write_curves", "plot", "series"):
         monkeypatch.setattr(compare, name, lambda *a, **k: None)
     compare.main(["--all", "--seeds", "0,1", "--out", str(tmp_path)])
     jobs, = ran                                                       # one pool for the four cells
@@ -166,3 +166,33 @@ def test_with_flags_states_each_flag_once():
     assert compare.with_flags(argv, ["--lr", "0.01", "--centralised", "--seed", "3", "--amp"]) == \
         ["--lr", "0.01", "--rounds", "5", "--amp", "--centralised", "--seed", "3"]
     assert argv == ["--lr", "0.06", "--rounds", "5", "--amp"]                      # not changed in place
+
+
+def test_plots_are_redrawn_from_curves_csv_alone_with_the_same_numbers(tmp_path):
+    def rec(r, acc, cos):
+        return {"round": r, "acc": {"mean": acc}, "cos": cos, "cos_fedit": cos, "ceiling": cos + 0.01,
+                "rel_err": 0.1, "train_loss": 1.0, "scale": 0.9}
+    results = {"fedit": [[rec(1, 0.5, 0.9), rec(2, 0.6, 0.95)], [rec(1, 0.7, 0.8), rec(2, 0.8, 0.85)]],
+               "centralised": [[rec(1, 0.9, 1.0), rec(2, 0.95, 1.0)], [rec(1, 0.9, 1.0), rec(2, 0.9, 1.0)]]}
+    cell = tmp_path / "shapes-x"
+    cell.mkdir()
+    compare.write_curves(results, [0, 1], str(cell))
+    again = compare.series_from_csv(str(cell / "curves.csv"))
+    assert again == compare.series(results)
+    assert again["fedit"]["acc"] == pytest.approx([60.0, 70.0]) and again["fedit"]["round"] == [1, 2]
+    assert compare.replot(str(tmp_path)) == [str(cell / "curves.csv")]
+    assert (cell / "curves.png").stat().st_size > 0 and (cell / "bias.png").stat().st_size > 0
+
+
+def test_every_row_gets_its_difference_to_lorafair_refilled_from_curves_csv(tmp_path):
+    def rec(acc):
+        return {"round": 1, "acc": {"mean": acc}, "cos": 0.9, "rel_err": 0.1, "train_loss": 1.0}
+    results = {"fedit": [[rec(0.70)], [rec(0.72)], [rec(0.71)]], "lorafair": [[rec(0.71)], [rec(0.74)], [rec(0.71)]]}
+    compare.write_curves(results, [0, 1, 2], str(tmp_path))
+    table = tmp_path / "table.md"
+    table.write_text("head\n\n| method | **mean** | Δ vs fedit | Δ vs lorafair | cos |\n|---|---|---|---|---|\n"
+                     "| fedit | **71** |  |  | 0.9 |\n| lorafair | **72** | +1 |  | 0.9 |\n")
+    compare.refill_fair_column(str(table), str(tmp_path / "curves.csv"))
+    rows = table.read_text().splitlines()
+    assert rows[4] == f"| fedit | **71** |  | {compare.paired([0.70, 0.72, 0.71], [0.71, 0.74, 0.71])} | 0.9 |"
+    assert rows[4].split(" | ")[3].startswith("-1.00 [") and rows[5] == "| lorafair | **72** | +1 |  | 0.9 |"

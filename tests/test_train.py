@@ -161,6 +161,94 @@ def test_resume_refuses_other_config_and_never_overwrites(tmp_path, capsys):
     assert train(tmp_path, "--rounds", "1", "--resume", name="empty") == 2
 
 
+def test_resume_finishes_the_rounds_it_was_started_with_and_never_goes_back(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(tmp_path, "--method", "fedit", "--rounds", "2") == 0
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert train(tmp_path, "--method", "fedit", "--resume", "--rounds", "1") == 2      # fewer than done: refused
+    assert "has already run 2 rounds; pass --rounds >= 2, or leave --rounds out" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files       # nothing written
+    assert train(tmp_path, "--method", "fedit", "--resume") == 0                          # no --rounds: its own 2
+    assert json.loads((run / "config.json").read_text())["rounds"] == 2
+    assert [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert train(tmp_path, "--method", "fedit", "--resume", "--rounds", "2") == 0         # as many: nothing to run
+    assert (run / "checkpoint.safetensors").read_bytes() == files["checkpoint.safetensors"]
+    assert train(tmp_path, "--method", "fedit", "--resume", "--rounds", "3") == 0         # more: taken there
+    assert json.loads((run / "config.json").read_text())["rounds"] == 3
+    assert [json.loads(x)["round"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    # stopped after round 1 of 3: a plain --resume finishes the 3, not the dataset's default 20
+    assert train(tmp_path, "--method", "fedit", "--rounds", "1", name="part") == 0
+    cfg = json.loads((tmp_path / "part" / "config.json").read_text())
+    (tmp_path / "part" / "config.json").write_text(json.dumps({**cfg, "rounds": 3}))     # as a run killed there
+    assert train(tmp_path, "--method", "fedit", "--resume", name="part") == 0
+    assert [json.loads(x)["round"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert train(tmp_path, "--method", "fedit", "--rounds", "0", name="zero") == 2        # nothing to run
+    assert "--rounds, --batch-size and --eval-every must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "zero").exists()
+
+
+def test_a_run_that_diverges_or_is_interrupted_says_so_in_one_line_and_keeps_only_what_was_saved(
+        tmp_path, capsys, monkeypatch):
+    import fed
+    import shlex
+    import train as train_module
+    # diverged in round 1: exit 3, one line that counts rounds as the log does, and --out is gone
+    assert train(tmp_path, "--method", "fedit", "--rounds", "2", "--lr", "1e30", name="nan") == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: round 1: every client's update was NaN/Inf, so training diverged; lower the "
+                              "client lr (--lr 1e+30)") and "Traceback" not in "".join(err)
+    assert "no round was saved, so" in err[-1] and not (tmp_path / "nan").exists()
+    assert not any("NaN" in line for line in err[:-1])                   # no per-client warnings before it
+    assert train(tmp_path, "--method", "fedit", "--rounds", "1", name="nan") == 0   # the corrected command works
+    # an --out that existed stays, with what was there before (a splits/ folder of the user's) and nothing else
+    (tmp_path / "mine" / "splits").mkdir(parents=True)
+    (tmp_path / "mine" / "splits" / "clipart_train.txt").write_text("keep me\n")
+    assert train(tmp_path, "--method", "fedit", "--lr", "1e30", "--rounds", "1", name="mine") == 3
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["splits"]
+    assert (tmp_path / "mine" / "splits" / "clipart_train.txt").read_text() == "keep me\n"
+    assert f"what it wrote in {tmp_path / 'mine'} was removed" in capsys.readouterr().err
+
+    def fails_in_round(n, error):
+        calls, real = [], fed.Federation.run_round
+
+        def run_round(self):
+            calls.append(1)
+            if len(calls) == n:
+                raise error
+            return real(self)
+        return run_round
+    real = fed.Federation.run_round
+    argv = [*TINY, "--out", str(tmp_path / "late"), "--method", "fedit", "--rounds", "3"]
+    # diverged in round 2, after round 1's checkpoint: kept, with the exact command that starts again lower
+    monkeypatch.setattr(fed.Federation, "run_round", fails_in_round(2, fed.Diverged("round 2: diverged")))
+    assert train_module.main(argv) == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    restart = [f"{tmp_path / 'late'}-lr0.005" if a == str(tmp_path / "late") else a for a in argv] + ["--lr", "0.005"]
+    assert err == (f"error: round 2: diverged; rounds 1-1 are saved in {tmp_path / 'late'}; start again at a lower "
+                   f"lr with `{shlex.join(['python', 'train.py', *restart])}`")
+    assert (tmp_path / "late" / "checkpoint.safetensors").is_file()
+    # interrupted in round 2 of the resumed run: the line's command continues it
+    monkeypatch.setattr(fed.Federation, "run_round", fails_in_round(1, KeyboardInterrupt()))
+    assert train_module.main([*argv, "--resume"]) == 130
+    again = shlex.join(["python", "train.py", *argv, "--resume"])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: interrupted; rounds 1-1 are saved in {tmp_path / 'late'}: continue with `{again}`, or start "
+        "again with another --out")
+    monkeypatch.setattr(fed.Federation, "run_round", real)
+    assert train_module.main([*argv, "--resume"]) == 0
+    # Ctrl-C or SIGTERM in round 1 of a new run: exit 130 / 143, nothing left behind
+    for error, code, name in ((KeyboardInterrupt(), 130, "ctrlc"), (train_module.Terminated(), 143, "term")):
+        monkeypatch.setattr(fed.Federation, "run_round", fails_in_round(1, error))
+        assert train(tmp_path, "--method", "fedit", "--rounds", "1", name=name) == code
+        assert "no round was saved, so" in capsys.readouterr().err.strip().splitlines()[-1]
+        assert not (tmp_path / name).exists()
+    # any other failure (out of memory, a bug): the same cleanup, then its traceback
+    monkeypatch.setattr(fed.Federation, "run_round", fails_in_round(1, MemoryError()))
+    with pytest.raises(MemoryError):
+        train(tmp_path, "--method", "fedit", "--rounds", "1", name="oom")
+    assert not (tmp_path / "oom").exists()
+
+
 # ----------------------------------------------------------------------------- inputs as users bring them
 # (weights: tests/test_backbone.py)
 
@@ -300,6 +388,65 @@ def test_run_exports_a_peft_adapter_and_a_merged_timm_checkpoint(tmp_path, metho
         assert (peft(x) - ours).abs().max() > 1e-4
 
 
+def test_readmes_loading_lines_load_the_default_runs_outputs(tmp_path, monkeypatch):
+    """README's own code block, run as written in a folder where `python train.py` (the embedded
+    backbone, 10 classes; fewer images and steps) has just run."""
+    import re
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = readme.split("## What a run leaves for other tools", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    assert main(["--domains", "clipart,sketch", "--n-train", "24", "--n-test", "10", "--batch-size", "8",
+                 "--local-steps", "2", "--rounds", "1", "--no-progress"]) == 0
+    names = {}
+    exec(compile(code, "README.md", "exec"), names)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        merged, peft = names["model"].eval()(x), names["peft_model"].eval()(x)
+    torch.testing.assert_close(peft, merged, rtol=1e-5, atol=1e-5 * merged.abs().max().item())
+    trained = load_file(tmp_path / "runs" / "latest" / "final.safetensors")
+    assert torch.equal(names["model"].head.weight, trained["global/head.weight"])     # the trained model, not a new one
+
+
+def test_help_shows_defaults_and_a_bad_flag_is_one_line_with_a_suggestion(capsys):
+    from train import get_args_parser
+    text = get_args_parser().format_help()
+    for words in ("aggregation method (default: lorafair)", "LoRA rank r (default: 16)", "(default: runs/latest)"):
+        assert words in " ".join(text.split())
+    assert "20 on shapes" in " ".join(text.split()) and "0.05 on shapes" in " ".join(text.split())   # rounds, lr
+    with pytest.raises(SystemExit) as e:
+        main(["--method", "fedti"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: argument --method: invalid choice")
+    assert "did you mean 'fedit'?" in err[0]
+
+
+def test_a_logged_run_is_short_says_where_its_outputs_are_and_writes_readable_files(tmp_path, capsys):
+    old = os.umask(0o022)
+    try:   # stderr is not a terminal here (as in `python train.py > log 2>&1`): no progress bars
+        assert main([*[a for a in TINY if a != "--no-progress"], "--local-steps", "20", "--rounds", "2",
+                     "--ranks", "2,1", "--out", str(tmp_path / "run")]) == 0
+    finally:
+        os.umask(old)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) < 12, err
+    assert any("ranks 2,1 (global rank 2)" in line for line in err)
+    assert err[-1].startswith(f"outputs in {tmp_path / 'run'}/: config.json, metrics.jsonl, final.safetensors")
+    for path in [*(tmp_path / "run").iterdir(), *(tmp_path / "run" / "adapter").iterdir()]:
+        if path.is_file():
+            assert path.stat().st_mode & 0o777 == 0o644, path
+
+
+def test_fedsa_says_which_model_its_files_hold(tmp_path, capsys):
+    assert train(tmp_path, "--method", "fedsa", "--rounds", "1") == 0
+    note = (tmp_path / "run" / "adapter" / "NOTE.txt").read_text()
+    assert "scores every client with its own B" in note and "the clients' B averaged" in note
+    assert "adapter/NOTE.txt" in capsys.readouterr().err
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "run" / "merged.safetensors"), "pt") as f:
+        assert f.metadata()["holds"] == "the global model: shared A, the clients' B averaged"
+
+
 def test_rank_by_domain_gives_every_client_of_a_domain_its_rank():
     from train import build_data, get_args_parser, resolve
     args = resolve(get_args_parser().parse_args([*TINY, "--domains", "clipart,sketch,quickdraw",
@@ -403,7 +550,8 @@ def test_defined_combinations_run(tmp_path, method, init, centralised):
         assert torch.isfinite(torch.tensor([r["train_loss"], r["cos"], r["rel_err"], r["acc"]["mean"]])).all()
         assert len(r["clients"]) == (1 if centralised else 2)
     folded = method in ("flora", "fedex", "florist") or init == "fresh"
-    assert (tmp_path / "run" / "adapter" / "NOTE.txt").exists() == folded
+    note = (tmp_path / "run" / "adapter" / "NOTE.txt").read_text()          # TINY: --no-pretrained, said too
+    assert ("folded updates into the backbone" in note) == folded and "drawn at random (--no-pretrained)" in note
 
 
 @pytest.mark.parametrize("method", ["flora", "florist"])

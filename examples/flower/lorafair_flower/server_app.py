@@ -85,10 +85,8 @@ class AggregatorStrategy(Strategy):
 
 
 def save(fed, path: str, keep=None) -> None:
-    from safetensors.torch import save_file
     state = {k: v for k, v in fed.state_tensors().items() if keep is None or k.startswith(keep)}
-    save_file(state, path + ".tmp", metadata={"round": str(fed.round)})
-    os.replace(path + ".tmp", path)
+    train.save_tensors(state, path, {"round": str(fed.round)})     # atomic, readable as the umask allows
 
 
 def discover(grid: Grid, n: int, timeout: float) -> dict[int, int]:
