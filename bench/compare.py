@@ -446,9 +446,14 @@ def plot(data: dict, out: str, title: str, suffix: str = "") -> None:
     style = {name: dict(color=colour[i % 20], ls=("-", "--", "-.", (0, (1, 1)))[i % 4], marker="osD^v<>ph*"[i % 10],
                         ms=4) for i, name in enumerate(order)}
 
+    rounds = sorted({r for d in data.values() for r in d["round"]})
+
     def finish(fig, axes, path):
         for ax in axes:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if len(rounds) == 1:                 # one round (the paper-regime cell): one tick, centred
+                ax.set_xticks(rounds)
+                ax.set_xlim(rounds[0] - 0.5, rounds[0] + 0.5)
         fig.tight_layout()
         handles, labels = axes[0].get_legend_handles_labels()     # every variant the first axes shows
         fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.93), fontsize=8, frameon=False)
@@ -470,11 +475,11 @@ def plot(data: dict, out: str, title: str, suffix: str = "") -> None:
     for name in biased:
         d = data[name]
         ax.plot(d["round"], d["cos"], label=LABELS.get(name, name), **style[name])
-        ax.plot(d["round"], d["ceiling"], color=style[name]["color"], ls=":", lw=1)
+        ax.plot(d["round"], d["ceiling"], color=style[name]["color"], ls=":", lw=1, marker="_", ms=14)
         if "scale" in d:
             bx.plot(d["round"], d["scale"], label=LABELS.get(name, name), **style[name])
     ax.set(xlabel="round", ylabel="cos(dW, applied), mean over layers and seeds",
-           title="cosine to dW (dotted: the ceiling of any refined B)")
+           title="cosine to dW (dotted / dash: the ceiling of any refined B)")
     if scaled:
         bx.set(xlabel="round", ylabel="||applied|| / ||dW||, mean over layers and seeds", yscale="log",
                title="scale of the applied update (1: that of dW)")
