@@ -156,7 +156,8 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="shapes", choices=["shapes", "domainnet", "nicopp"], help="the data")
     p.add_argument("--data-root", default=None, help="DomainNet / NICO++: as train.py takes it")
-    p.add_argument("--setting", default="feature", choices=list(SETTINGS), help="the cell (module docstring)")
+    p.add_argument("--setting", default="feature", choices=list(SETTINGS),
+                   help="the cell (module docstring); --ablations and --ranks run on it too")
     p.add_argument("--backbone", default="vit", choices=list(BACKBONES), help="shapes: the embedded ViT or Mixer")
     p.add_argument("--all", action="store_true", help="every (setting, backbone) cell of ALL, one after another")
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated run seeds")
