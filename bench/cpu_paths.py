@@ -51,10 +51,19 @@ def capability(env: dict) -> str:
 
 
 def final_means(root: str, cell: str, names: list[str], seeds: list[int]) -> dict[str, list[float]]:
-    """{variant: final mean top-1 per seed} of the runs under <root>/<cell>/<variant>/seed<s>."""
-    out = {}
+    """{variant: final mean top-1 per seed} of the runs under <root>/<cell>/<variant>/seed<s>, or,
+    for a committed cell whose run folders were not kept, of its curves.csv (each seed's last round)."""
+    out, table = {}, os.path.join(root, cell, "curves.csv")
     for name in names:
         runs = [compare.metrics(os.path.join(root, cell, name.replace(" ", "_"), f"seed{s}")) for s in seeds]
+        if not all(runs) and os.path.isfile(table):
+            import csv
+            with open(table) as f:
+                rows = [r for r in csv.DictReader(f) if r["variant"] == name and r["mean_acc"] != ""]
+            last = {}
+            for r in rows:                   # the last evaluated round of each seed
+                last[int(r["seed"])] = max(last.get(int(r["seed"]), (0, 0.0)), (int(r["round"]), float(r["mean_acc"])))
+            runs = [r or ([{"acc": {"mean": last[s][1]}}] if s in last else []) for s, r in zip(seeds, runs)]
         if missing := [s for s, r in zip(seeds, runs) if not r]:
             raise SystemExit(f"{root}/{cell}/{name}: no runs for seeds {missing}; run bench/compare.py "
                              f"--setting ... --only {name} first")

@@ -36,3 +36,13 @@ def test_unknown_paths_and_missing_runs_are_refused(tmp_path):
         cpu_paths.main(["--paths", "avx9", "--home", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"fedit: no runs for seeds \[0, 1\]"):
         cpu_paths.final_means(str(tmp_path), "shapes-paper-vit", ["fedit"], [0, 1])
+
+
+def test_a_cell_without_run_folders_is_read_from_its_curves_csv(tmp_path):
+    (tmp_path / "cell").mkdir()
+    (tmp_path / "cell" / "curves.csv").write_text(
+        "variant,seed,round,mean_acc,cos\nfedit,0,1,0.5,0.9\nfedit,0,2,0.6,0.9\nfedit,1,1,0.7,0.9\nfedit,1,2,0.8,0.9\n"
+        "lorafair,0,2,0.65,0.9\n")
+    assert cpu_paths.final_means(str(tmp_path), "cell", ["fedit"], [0, 1]) == {"fedit": [0.6, 0.8]}   # last rounds
+    with pytest.raises(SystemExit, match=r"lorafair: no runs for seeds \[1\]"):
+        cpu_paths.final_means(str(tmp_path), "cell", ["lorafair"], [0, 1])
