@@ -476,9 +476,56 @@ def lsq_residual(B_bar: Tensor, C: Tensor, G: Tensor, nX: Tensor, lam: float) ->
     return dB.to(B_bar.dtype)
 
 
+def eq8_objective(A: Tensor, B: Tensor, w, B_new: Tensor, lam: float) -> Tensor:
+    """Eq. 8's objective, written plainly: the reference every LoRA-FAIR solver is tested against.
+
+        f(B') = 1 - cos(dW, B' A_bar) + lam ||B' - B_bar||_F^2,   dW = sum_k p_k B_k A_k  (Eq. 6)
+
+    dW and B' A_bar are formed densely, in float64, with no norm clamp (a zero B' A_bar gives NaN).
+    Shapes: A (..., K, r, d_in), B (..., K, d_out, r), B_new (..., d_out, r); returns (...,).
+    """
+    A, B, w, B_new = A.double(), B.double(), torch.as_tensor(w).double(), B_new.double()
+    A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)                   # (..., r, d_in), (..., d_out, r)
+    dW = sum(w[k] * B[..., k, :, :] @ A[..., k, :, :] for k in range(A.shape[-3]))   # (..., d_out, d_in)
+    Y = B_new @ A_bar                                                         # (..., d_out, d_in)
+    cos = (dW * Y).sum((-2, -1)) / (dW.flatten(-2).norm(dim=-1) * Y.flatten(-2).norm(dim=-1))
+    return 1 - cos + lam * (B_new - B_bar).square().sum((-2, -1))
+
+
+def eq8_minimiser(A: Tensor, B: Tensor, w, lam: float, iters: int = 500) -> Tensor:
+    """Eq. 8 solved the obvious way, for one layer: autograd and L-BFGS (strong Wolfe) on
+    `eq8_objective` over B' (in units of ||B_bar||), from B_bar and from the ceiling's direction
+    C G^+ at B_bar's scale; the B' of the lower end. Dense and slow: what `eq8_fixed_point` must
+    reach. Shapes: A (K, r, d_in), B (K, d_out, r); returns B' (d_out, r) in float64.
+    """
+    A, B, w = A.double(), B.double(), torch.as_tensor(w).double()
+    A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)
+    dW = sum(w[k] * B[k] @ A[k] for k in range(A.shape[0]))
+    star = dW @ A_bar.T @ torch.linalg.pinv(A_bar @ A_bar.T)                  # C G^+: (d_out, r)
+    s = B_bar.norm()
+    best, best_B = math.inf, B_bar
+    for X0 in (B_bar, star * (star * B_bar).sum() / star.square().sum()):
+        X = (X0 / s).clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([X], lr=1, max_iter=iters, tolerance_grad=1e-15, tolerance_change=1e-18,
+                                history_size=50, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            v = eq8_objective(A[None], B[None], w, (X * s)[None], lam)[0]
+            v.backward()
+            return v
+        with torch.enable_grad():
+            opt.step(closure)
+        f = eq8_objective(A[None], B[None], w, (X.detach() * s)[None], lam)[0].item()
+        if f < best:
+            best, best_B = f, X.detach() * s
+    return best_B
+
+
 def eq8_fixed_point(B_bar: Tensor, C: Tensor, G: Tensor, nX: Tensor, lam: float, iters: int = 20,
                     c: float = 2.0, anderson: bool = True) -> Tensor:
-    """Eq. 8 solved to convergence: dB minimising f(B') = 1 - cos(dW, B' A_bar) + lam ||B' - B_bar||^2.
+    """Eq. 8 solved to convergence: dB minimising f(B') = 1 - cos(dW, B' A_bar) + lam ||B' - B_bar||^2
+    (`eq8_objective` states it plainly; tests check this solver against it and `eq8_minimiser`).
 
     With n = ||B' A_bar|| = sqrt(<B' G, B'>) and cos = <B', C> / (||dW|| n), f's gradient is zero
     where  2 lam (B' - B_bar) = C / (||dW|| n) - cos B' G / n^2,  that is
@@ -604,7 +651,8 @@ def lorafair(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", sol
 
         dB = argmin [1 - cos(dW, (B_bar + dB) A_bar)] + lam ||dB||_F^2,
 
-    (Eq. 8 writes lam ||dB||; the square, smooth at dB = 0, is what the derived public code uses).
+    (Eq. 8 writes lam ||dB||; the square, smooth at dB = 0, is what the derived public code uses;
+    `eq8_objective` is this objective written plainly, the reference both solvers are tested against).
     W0 is never changed; clients start next round from (A_bar, B_bar + dB).
 
     solver='fixed-point' (default) solves Eq. 8 to convergence (`eq8_fixed_point`: `steps`

@@ -28,10 +28,12 @@ import time
 
 import torch
 
+import exchange
 from aggregators import AGGREGATORS
 from backbone import SHAPES_MODELS, ModelError, build_model, check_weights
 from data import (DATASETS, SHAPES_DOMAINS, DataError, image_domains, list_images, load_shapes, make_transform,
                   partition, shapes_task_classes, write_splits)
+from exchange import PeerFailed, agree
 from fed import Client, Diverged, FedConfig, Federation
 from lora import merged_state, peft_adapter
 
@@ -471,45 +473,6 @@ def write_out(args, listing) -> list[str]:
     return created
 
 
-def agree(world: int, rank: int, error: Exception | None, values: tuple[int, ...] = (), device: str = "cpu") -> tuple:
-    """Raise on every process if any process failed (torchrun), so none waits for the others;
-    return rank 0's `values` (integers, e.g. whether --out, which only rank 0 reads, has a
-    checkpoint, and the rounds its config.json asks for)."""
-    if world == 1:
-        if error is not None:
-            raise error
-        return tuple(values)
-    mine = torch.tensor([error is not None, *values], dtype=torch.long, device=device)
-    found = [torch.empty_like(mine) for _ in range(world)]
-    torch.distributed.all_gather(found, mine)
-    failed = [r for r, f in enumerate(found) if f[0]]
-    if error is not None:
-        raise error
-    if failed:
-        raise UserError(f"rank {failed[0]} stopped with an error (printed by that process)")
-    return tuple(int(v) for v in found[0][1:])
-
-
-def setup_distributed(args) -> tuple[int, int, bool]:
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPU) and pick
-    this process's device. Returns (rank, world size, whether this call created the group)."""
-    import datetime
-    import torch.distributed as dist
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        if args.device.startswith("cuda"):
-            torch.cuda.set_device(args.device)   # cuda:1: kernels, autocast and caches on that device
-        return 0, 1, False
-    created = not dist.is_initialized()
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        torch.cuda.set_device(args.device)
-    if created:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=args.dist_timeout))
-    return dist.get_rank(), dist.get_world_size(), created
-
-
 class Terminated(Exception):
     """SIGTERM (a scheduler's or `kill`'s stop): ends the run like Ctrl-C, exit code 143."""
 
@@ -533,9 +496,9 @@ def main(argv=None) -> int:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
-        rank, world, created = setup_distributed(args)
+        rank, world, created, args.device = exchange.setup(args.device, args.dist_timeout)
         return run(args, rank, world, argv)
-    except (UserError, DataError, ModelError) as e:
+    except (UserError, DataError, ModelError, PeerFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Stopped as e:
@@ -560,11 +523,33 @@ def main(argv=None) -> int:
 
 
 def run(args, rank: int = 0, world: int = 1, argv: list[str] = ()) -> int:
-    """Check everything, build the model and data, write --out's first files, then train_rounds."""
-    lead = rank == 0                     # logging, progress bars and files: rank 0 only
+    """A run, step by step (rank 0 alone prints and writes files)."""
+    lead = rank == 0
     args.progress = (sys.stderr.isatty() if args.progress is None else args.progress) and lead
-    listing = error = resume = None
-    try:                                 # every check first (cheap), then the expensive work; nothing written
+    listing, domains, clients, model, resume = prepare(args, rank, world)   # 1. every check, then the model
+    created = open_out(args, rank, world, listing)                          # 2. --out: config.json (nothing before)
+    try:
+        fed = Federation(model, domains, clients, fed_config(args), torch.device(args.device), rank, world)
+        done = restore(args, fed, resume, listing)                          # 3. --resume: the checkpoint's rounds
+        acc = train_rounds(args, fed, done)                                 # 4. the rounds: metrics, checkpoints
+        conclude(args, fed, acc)                                            # 5. last evaluation, report, exports
+        return 0
+    except (Diverged, KeyboardInterrupt, Terminated) as e:
+        code = 3 if isinstance(e, Diverged) else 143 if isinstance(e, Terminated) else 130
+        raise Stopped(stopped(args, argv, e, created if lead else []), code) from None
+    except BaseException as e:       # anything else (out of memory, a bug): the same cleanup, then the traceback
+        if lead:
+            print(f"error: {type(e).__name__}; " + stopped(args, argv, e, created), file=sys.stderr)
+        raise
+
+
+def prepare(args, rank: int, world: int):
+    """Every check (cheap, nothing written: --out, the data's listing, the weights), then the data
+    and the model on its device. Returns (listing, domains, clients, model, whether --out holds a
+    checkpoint to resume); on torchrun every rank agrees with rank 0 or stops with it."""
+    lead = rank == 0
+    listing = error = resume = domains = clients = model = model_cfg = None
+    try:
         resume = check_out(args) if lead else None
         if args.dataset != "shapes":
             splits = args.splits
@@ -584,24 +569,21 @@ def run(args, rank: int = 0, world: int = 1, argv: list[str] = ()) -> int:
     resume, args.rounds = agree(world, rank, error, (bool(resume), args.rounds or 0), args.device)
     for d in domains if listing is not None else ():
         d.train.transform = d.test.transform = make_transform(model_cfg, args.norm)
-    device = torch.device(args.device)
-    model.to(device)
+    model.to(torch.device(args.device))
+    return listing, domains, clients, model, resume
+
+
+def open_out(args, rank: int, world: int, listing) -> list[str]:
+    """Rank 0 writes --out's first files; returns the paths it created (removed again if the run
+    stops before its first checkpoint)."""
     error, created = None, []
-    if lead:
+    if rank == 0:
         try:
             created = write_out(args, listing)
         except OSError as e:
             error = UserError(f"cannot write to --out {args.out}: {e}")
     agree(world, rank, error, device=args.device)
-    try:
-        return train_rounds(args, rank, world, listing, domains, clients, model, device, resume)
-    except (Diverged, KeyboardInterrupt, Terminated) as e:
-        code = 3 if isinstance(e, Diverged) else 143 if isinstance(e, Terminated) else 130
-        raise Stopped(stopped(args, argv, e, created if lead else []), code) from None
-    except BaseException as e:       # anything else (out of memory, a bug): the same cleanup, then the traceback
-        if lead:
-            print(f"error: {type(e).__name__}; " + stopped(args, argv, e, created), file=sys.stderr)
-        raise
+    return created
 
 
 def stopped(args, argv: list[str], e: BaseException, created: list[str]) -> str:
@@ -637,23 +619,21 @@ def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
     return [*out, flag, value]
 
 
-def train_rounds(args, rank, world, listing, domains, clients, model, device, resume) -> int:
-    """The rounds, the final evaluation and the outputs (rank 0 writes every file)."""
+def restore(args, fed: Federation, resume: bool, listing) -> int:
+    """The rounds already done: with --resume, the checkpoint's state (if round 1 ever finished),
+    and metrics.jsonl cut back to its rounds. Prints what the run is about to do."""
     from safetensors import safe_open
-    from tqdm.auto import tqdm
-    lead = rank == 0
+    lead, done = fed.rank == 0, 0
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
     if lead and listing is not None and listing.split_dir is None and not args.resume:
         print(f"{args.dataset}: no split files found, so each (domain, class) was split train/test here "
               f"(seed {args.split_seed}); written to {args.out}/splits, reuse with --splits {args.out}/splits",
               file=sys.stderr)
-    fed = Federation(model, domains, clients, fed_config(args), device, rank, world)
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    done = 0
-    if args.resume:   # restore the checkpoint (if round 1 ever finished) and drop metrics of rounds after it
+    if args.resume:
         if resume:
             with safe_open(os.path.join(args.out, "checkpoint.safetensors"), "pt") as f:
                 done = int(f.metadata()["round"])
-                fed.load_state_tensors({k: f.get_tensor(k).to(device) for k in f.keys()}, done)
+                fed.load_state_tensors({k: f.get_tensor(k).to(fed.device) for k in f.keys()}, done)
         if lead and os.path.isfile(metrics_path):
             with open(metrics_path) as f:
                 keep = [line for line in f if json.loads(line)["round"] <= done]
@@ -664,12 +644,18 @@ def train_rounds(args, rank, world, listing, domains, clients, model, device, re
             print(f"resuming {args.out} after round {done}" + ("" if resume else " (it stopped before its first "
                   "checkpoint)"), file=sys.stderr)
     if lead:
-        print(f"{args.method} on {args.dataset}: {len(clients)} clients over {len(domains)} domains, model "
+        print(f"{args.method} on {args.dataset}: {len(fed.clients)} clients over {len(fed.domains)} domains, model "
               f"{args.model}, " + (f"ranks {args.ranks} (global rank {args.rank})" if args.ranks else f"rank {args.rank}")
-              + f", {args.rounds} rounds, {world} process(es), device {device}",
+              + f", {args.rounds} rounds, {fed.world} process(es), device {fed.device}",
               file=sys.stderr)
+    return done
 
-    acc = None
+
+def train_rounds(args, fed: Federation, done: int) -> dict | None:
+    """Rounds done+1 .. args.rounds: each a fed.run_round, an evaluation every --eval-every rounds
+    and at the last, a line of metrics.jsonl and a checkpoint. Returns the last evaluation."""
+    from tqdm.auto import tqdm
+    lead, acc = fed.rank == 0, None
     for _ in tqdm(range(done, args.rounds), desc=args.method, initial=done, total=args.rounds,
                   disable=not args.progress):
         rec = fed.run_round()
@@ -685,27 +671,27 @@ def train_rounds(args, rank, world, listing, domains, clients, model, device, re
                        f"{rec['cos']:.4f} | mean acc {100 * acc['mean']:.2f}%", file=sys.stderr)
         rec["seconds"]["eval"] = time.perf_counter() - tic
         rec["unreadable"] = fed.unreadable()
-        with open(metrics_path, "a") as f:
+        with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
         save_checkpoint(fed, args.out)
+    return acc
+
+
+def conclude(args, fed: Federation, acc: dict | None) -> None:
+    """After the last round: the evaluation if none was made (e.g. resumed after the last round),
+    then rank 0's report and files (`finish`); every process returns once rank 0 has finished."""
     error = None
     try:
-        acc = acc or fed.evaluate()              # e.g. resumed after the last round: every process again
+        acc = acc or fed.evaluate()              # every process again
     except DataError as e:
         error = e
-    if lead and error is None:
+    if fed.rank == 0 and error is None:
         try:
             finish(args, fed, acc)
         except (UserError, DataError, ModelError) as e:
             error = e
-    agree(world, rank, error, device=args.device)   # every process returns once rank 0 has finished the run
-    if world > 1:
-        # gloo's worker threads drop a finished collective's tensors after the call has returned, and
-        # that needs the GIL; done during interpreter shutdown it aborts the process. A barrier and a
-        # moment of sleep (both release the GIL) let them finish while this process still runs.
-        torch.distributed.barrier()
-        time.sleep(0.05)
-    return 0
+    agree(fed.world, fed.rank, error, device=args.device)
+    exchange.finish(fed.world)
 
 
 def export(args, fed: Federation) -> None:

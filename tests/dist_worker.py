@@ -45,7 +45,7 @@ if mode == "slow-eval":
     sys.exit(main([*TINY, "--method", "fedit", "--rounds", "2", "--out", out, "--dist-timeout", "6"]))
 if mode == "drift":
     from safetensors.torch import save_file
-    real_aggregate, real_products, real_round = fed.aggregate_states, fed.Federation.adapter_products, \
+    real_aggregate, real_products, real_round = fed.aggregate_states, fed.LocalTraining.adapter_products, \
         fed.Federation.run_round
     nudge = (lambda d: {k: v + 1e-3 for k, v in d.items()}) if int(os.environ["RANK"]) == 1 else (lambda d: d)
 
@@ -58,7 +58,7 @@ if mode == "drift":
         save_file(self.state_tensors(), os.path.join(self.run_dir, f"rank{self.rank}-round{self.round}.safetensors"))
         return rec
     fed.aggregate_states = aggregate_states
-    fed.Federation.adapter_products = lambda self: nudge(real_products(self))
+    fed.LocalTraining.adapter_products = lambda self: nudge(real_products(self))
     fed.Federation.run_round = run_round
     dist.init_process_group("gloo")
     codes = []
@@ -69,11 +69,11 @@ if mode == "drift":
     dist.destroy_process_group()
     sys.exit(max(codes))
 if mode == "die":
-    orig = fed.Federation.local_train
+    orig = fed.Federation.train_client
 
-    def local_train(self, client, seed):
+    def train_client(self, k, glob, phase):
         if self.rank == 1 and self.round == 1:
             os._exit(17)
-        return orig(self, client, seed)
-    fed.Federation.local_train = local_train
+        return orig(self, k, glob, phase)
+    fed.Federation.train_client = train_client
     sys.exit(main([*TINY, "--method", "fedit", "--rounds", "3", "--out", out, "--dist-timeout", "30"]))

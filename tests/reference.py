@@ -92,37 +92,3 @@ def dense_florist(A, B, w, tau):
     share = (S ** 2).cumsum(-1) / (S ** 2).sum(-1, keepdim=True)
     m = int((share < tau - 1e-12).sum()) + 1
     return (U[..., :m] * S[..., None, :m]) @ Vh[..., :m, :], m
-
-
-def dense_eq8(A, B, w, B_new, lam):
-    """Eq. 8's objective 1 - cos(dW, B' A_bar) + lam ||B' - B_bar||_F^2 at B' = B_new, formed densely
-    in float64 (no norm clamp: a zero B' A_bar gives NaN, not a number)."""
-    A, B, w, B_new = A.double(), B.double(), w.double(), B_new.double()
-    A_bar, B_bar = torch.einsum("...krd,k->...rd", A, w), torch.einsum("...kdr,k->...dr", B, w)
-    dW, Y = dense_dW(A, B, w), B_new @ A_bar
-    cos = (dW * Y).sum((-2, -1)) / (dW.flatten(-2).norm(dim=-1) * Y.flatten(-2).norm(dim=-1))
-    return 1 - cos + lam * (B_new - B_bar).square().sum((-2, -1))
-
-
-def lbfgs_eq8(A, B, w, lam, iters=500):
-    """Eq. 8 minimised by L-BFGS (strong Wolfe) over B' in units of ||B_bar||, from B_bar and from
-    the ceiling's direction at B_bar's scale: the best objective either start reaches."""
-    A, B, w = A.double(), B.double(), w.double()
-    A_bar, B_bar = torch.einsum("krd,k->rd", A, w), torch.einsum("kdr,k->dr", B, w)
-    dW = dense_dW(A, B, w)
-    star = dW @ A_bar.T @ torch.linalg.pinv(A_bar @ A_bar.T)
-    s = B_bar.norm()
-    best = math.inf
-    for X0 in (B_bar, star * (star * B_bar).sum() / star.square().sum()):
-        X = (X0 / s).clone().requires_grad_(True)
-        opt = torch.optim.LBFGS([X], lr=1, max_iter=iters, tolerance_grad=1e-15, tolerance_change=1e-18,
-                                history_size=50, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            v = dense_eq8(A[None], B[None], w, (X * s)[None], lam)[0]
-            v.backward()
-            return v
-        opt.step(closure)
-        best = min(best, dense_eq8(A[None], B[None], w, (X.detach() * s)[None], lam)[0].item())
-    return best

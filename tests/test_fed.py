@@ -50,13 +50,13 @@ def test_round_runs_and_logs_diagnostics(method):
 def test_head_is_fedavg_of_client_heads():
     fed = federation("fedit", per_domain=2)
     uploads = []
-    orig = fed.local_train
+    orig = fed.local.train
 
     def spy(client, seed):
         loss = orig(client, seed)
         uploads.append((client.n, {k: v.clone() for k, v in trainable_state(fed.model).items() if k.startswith("head")}))
         return loss
-    fed.local_train = spy
+    fed.local.train = spy
     fed.run_round()
     n = torch.tensor([u[0] for u in uploads], dtype=torch.float32)
     for key in ("head.weight", "head.bias"):
@@ -78,14 +78,14 @@ def test_flora_folds_the_stack_into_the_base_and_restarts_lora():
     layers = lora_layers(fed.model)
     W0 = {p: (base.weight[rows].clone(), lora.scaling) for p, (lora, base, rows) in layers.items()}
     products = {p: [] for p in layers}
-    orig = fed.local_train
+    orig = fed.local.train
 
     def spy(client, seed):
         loss = orig(client, seed)
         for p, (lora, _, _) in layers.items():
             products[p].append((client.n, lora.lora_B.weight.detach() @ lora.lora_A.weight.detach()))
         return loss
-    fed.local_train = spy
+    fed.local.train = spy
     fed.run_round()
     for p, (lora, base, rows) in layers.items():
         n = sum(c for c, _ in products[p])
@@ -104,7 +104,7 @@ def test_fedsa_keeps_B_per_client():
     assert not torch.equal(Bs[0][key], Bs[1][key])
     # next round, a client starts from the global A and its own B
     glob = trainable_state(fed.model)
-    fed.start_client(fed.clients[1], glob)
+    fed.local.start(fed.clients[1], glob)
     assert torch.equal(dict(fed.model.named_parameters())[key], Bs[1][key])
     a = next(k for k in glob if k.endswith("lora_A.weight"))
     assert torch.equal(dict(fed.model.named_parameters())[a], glob[a])
@@ -125,7 +125,7 @@ def test_rolora_alternates_the_trained_factor():
 def test_nan_client_is_left_out_and_weights_renormalised():
     fed = federation("fedit")
     heads = {}
-    orig = fed.local_train
+    orig = fed.local.train
 
     def poisoned(client, seed):
         loss = orig(client, seed)
@@ -135,7 +135,7 @@ def test_nan_client_is_left_out_and_weights_renormalised():
                 params["blocks.0.attn.proj.lora_B.weight"].fill_(float("nan"))
         heads[id(client)] = (client.n, params["head.weight"].detach().clone())
         return loss
-    fed.local_train = poisoned
+    fed.local.train = poisoned
     with pytest.warns(UserWarning, match=r"round 1: the updates of clients \[1\] are NaN/Inf"):
         rec = fed.run_round()
     assert rec["clients"] == [0, 2] and rec["dropped"] == [1]
@@ -157,7 +157,7 @@ def test_client_init_local_keeps_each_clients_adapter():
     fed.run_round()
     states = [c.state for c in fed.clients]
     assert all(len(s) == len(fed.a_keys) + len(fed.b_keys) for s in states)
-    fed.start_client(fed.clients[2], trainable_state(fed.model))
+    fed.local.start(fed.clients[2], trainable_state(fed.model))
     now = dict(fed.model.named_parameters())
     assert all(torch.equal(now[k], v) for k, v in states[2].items())
 
@@ -170,14 +170,14 @@ def test_client_init_fresh_folds_the_global_adapter_first():
     with torch.no_grad():
         before = fed.model(x)
     seen = []
-    orig = fed.local_train
+    orig = fed.local.train
 
     def spy(client, seed):
         fed.model.eval()
         with torch.no_grad():
             seen.append((lora_state(fed.model), fed.model(x)))
         return orig(client, seed)
-    fed.local_train = spy
+    fed.local.train = spy
     fed.run_round()
     state, out = seen[0]
     assert all(v.abs().sum() == 0 for k, v in state.items() if k.endswith("lora_B.weight"))   # fresh LoRA
@@ -187,7 +187,7 @@ def test_client_init_fresh_folds_the_global_adapter_first():
 def test_centralised_client_sees_every_domain():
     fed = federation("fedit")
     fed.clients = [Client(-1, list(range(sum(len(d.train) for d in fed.domains))))]
-    assert len(fed.train_set(fed.clients[0])) == 120
+    assert len(fed.local.train_set(fed.clients[0])) == 120
     rec = fed.run_round()
     assert rec["clients"] == [0] and rec["cos"] == pytest.approx(1.0, abs=1e-6)
 
@@ -234,12 +234,12 @@ def test_unreadable_training_images_are_counted_once_per_domain(tmp_path, centra
                            centralised=centralised)
     for _ in range(2):                                # 2 visits of 2 local epochs: every image is met 4 times
         for k, c in enumerate(fed.clients):
-            fed.local_train(c, seed=k)
+            fed.local.train(c, seed=k)
     assert fed.unreadable() == {"clipart": {"train": 1, "test": 0}, "sketch": {"train": 2, "test": 0}}
-    assert fed.unreadable_train == {"clipart": {3}, "sketch": {0, 11}}
+    assert fed.unreadable_images.train == {"clipart": {3}, "sketch": {0, 11}}
     again = image_federation(tmp_path / "again", centralised=centralised)
     again.load_state_tensors(fed.state_tensors(), 0)                  # carried by checkpoints
-    assert again.unreadable_train == fed.unreadable_train
+    assert again.unreadable_images.train == fed.unreadable_images.train
 
 
 def test_fedsa_local_head_is_kept_and_scored_per_client():
@@ -254,7 +254,7 @@ def test_fedsa_local_head_is_kept_and_scored_per_client():
     torch.testing.assert_close(glob["head.weight"], mean)
     acc = fed.evaluate()
     for d, c in enumerate(fed.clients):                    # one client per domain: scored with its own B and head
-        fed.start_client(c, glob)
+        fed.local.start(c, glob)
         right, ok, _ = fed.counts(fed.domains[d].test)
         assert acc[fed.domains[d].name] == right / ok
         assert torch.equal(dict(fed.model.named_parameters())["head.bias"], heads[d]["head.bias"])
@@ -306,17 +306,17 @@ def test_a_lower_rank_client_trains_exactly_at_its_own_rank_and_scaling():
     glob = trainable_state(fed.model)
     client = fed.clients[0]
     client.rank, client.scale = 1, 8.0
-    fed.start_client(client, glob)
-    fed.local_train(client, seed=5)
-    up = fed.to_global_units(client, trainable_state(fed.model), None)
-    fed.set_scaling(fed.scale)
+    fed.local.start(client, glob)
+    fed.local.train(client, seed=5)
+    up = fed.local.to_global_units(client, trainable_state(fed.model), None)
+    fed.local.set_scaling(fed.scale)
 
     torch.manual_seed(0)
     small = inject_lora(shapes_vit(10), ["attn.qkv", "attn.proj"], r=1, alpha=8, seed=0)
     start = {k: (v[:1] if "lora_A" in k else v[:, :1] * (2.0 / 8.0) if "lora_B" in k else v) for k, v in glob.items()}
     ref = Federation(small, fed.domains, [Client(0, client.indices)], fed.cfg, torch.device("cpu"))
-    ref.start_client(ref.clients[0], start)
-    ref.local_train(ref.clients[0], seed=5)
+    ref.local.start(ref.clients[0], start)
+    ref.local.train(ref.clients[0], seed=5)
     got = trainable_state(small)
     for k, v in up.items():
         if "lora_A" in k:
@@ -437,17 +437,17 @@ def test_fedsa_client_drawn_for_the_first_time_starts_from_its_initial_B(local_h
     manual_round(fed, [0, 1])
     glob = trainable_state(fed.model)
     assert any(glob[k].abs().max() > 0 for k in fed.b_keys)            # B_bar is not zero any more
-    fed.start_client(fed.clients[2], glob)
+    fed.local.start(fed.clients[2], glob)
     now = trainable_state(fed.model)
     for k in fed.b_keys + (fed.head_keys if local_head else []):
         assert torch.equal(now[k], init[k])
     for k in fed.a_keys + ([] if local_head else fed.head_keys):       # the shared parts are the global ones
         assert torch.equal(now[k], glob[k])
-    fed.start_client(fed.clients[0], glob)                             # a returning client: its own B
+    fed.local.start(fed.clients[0], glob)                             # a returning client: its own B
     assert all(torch.equal(trainable_state(fed.model)[k], fed.clients[0].state[k]) for k in fed.b_keys)
     fed.load_state_tensors(fed.state_tensors(), fed.round)
-    fed.set_scaling(fed.scale)
+    fed.local.set_scaling(fed.scale)
     acc = fed.evaluate()                                              # client 2's domain: its initial B and head
-    fed.start_client(fed.clients[2], glob)
+    fed.local.start(fed.clients[2], glob)
     right, ok, _ = fed.counts(fed.domains[2].test)
     assert acc[fed.domains[2].name] == right / ok

@@ -3,9 +3,9 @@ of HF PEFT, and a round trip through a real PEFT model; the bias diagnostics aga
 import pytest
 import torch
 
-from aggregators import AGGREGATORS, fedit, lorafair
+from aggregators import AGGREGATORS, eq8_objective, fedit, lorafair
 from states import aggregate_states, bias_bounds, diagnostics
-from tests.reference import dense_dW, dense_eq8
+from tests.reference import dense_dW
 from tests.test_aggregators import OPTS, R, avg, clients, product, run
 
 
@@ -45,7 +45,7 @@ def test_aggregate_states_matches_per_layer_calls_and_fedavgs_the_head(method):
         applied = product(u, A, B, w)                     # ||dW_applied|| / ||dW||, formed here
         assert out.scale[p] == pytest.approx((applied.norm() / dense_dW(A, B, w).norm()).item(), rel=1e-9)
         if method == "lorafair":                          # Eq. 8 at dB = 0 and at its dB, formed densely
-            want = [dense_eq8(A, B, w, X, 0.01).item() for X in (avg(B, w), u.B)]
+            want = [eq8_objective(A, B, w, X, 0.01).item() for X in (avg(B, w), u.B)]
             assert out.eq8[p] == pytest.approx(want, rel=1e-9, abs=1e-15) and out.eq8[p][1] <= out.eq8[p][0]
         else:
             assert p not in out.eq8

@@ -48,7 +48,7 @@ def make_app(train_args: str | None = None) -> ClientApp:
         own = msg.content["own"] if "own" in msg.content else ArrayRecord()
         fed.clients[k].state = tensors(own, fed.device)
         fed.round = t
-        fed.set_trainable_factors(phase)
+        fed.local.set_trainable_factors(phase)
         upload, loss = fed.train_client(k, trainable_state(fed.model), phase)   # what the server's glob was
         return Message(RecordDict({"upload": record(upload), "metrics": MetricRecord(
             {"loss": float(loss), "num-examples": fed.clients[k].n, "client": k})}), reply_to=msg)

@@ -38,7 +38,7 @@ def build(train_args: str) -> tuple:
                               args.num_classes, args.splits, args.split_seed)
     domains, clients = train.build_data(args, listing)
     weights = check_weights(args)
-    torch.manual_seed(args.seed)                      # the head's init, as in train.run
+    torch.manual_seed(args.seed)                      # the head's init, as in train.prepare
     model, model_cfg = build_model(args, weights)
     for d in domains if listing is not None else ():
         d.train.transform = d.test.transform = make_transform(model_cfg, args.norm)
