@@ -102,15 +102,16 @@ class Federation:
     # ------------------------------------------------------------------ Algorithm 1: one round
 
     def run_round(self) -> dict:
-        """Round t = self.round: sample, the clients train, the server aggregates and applies."""
-        chosen, phase, glob = self.begin_round()                     # S_t, and the global adapter they start from
+        """Round t = self.round of Algorithm 1; returns the round's record (metrics.jsonl)."""
+        chosen, phase, glob = self.begin_round()                     # 1. sample S_t; the global adapter
         tic = time.perf_counter()
-        results = [(k, *self.train_client(k, glob, phase))          # [(k, upload, loss)]: this process's clients
-                   for k in chosen[self.rank::self.world]]
-        if self.world > 1:                                           # torchrun: every process sees every upload
+        results = [(k, *self.train_client(k, glob, phase))          # 2. each client starts from it and
+                   for k in chosen[self.rank::self.world]]           #    trains: [(k, upload, loss)]
+        if self.world > 1:                                           #    (torchrun: every process gets all)
             results = exchange.gather_uploads(results, len(chosen), glob, self.world, self.device)
             self.share_unreadable()
-        return self.finish_round(chosen, phase, glob, results, time.perf_counter() - tic)
+        return self.finish_round(chosen, phase, glob, results,       # 3. the server aggregates,
+                                 time.perf_counter() - tic)          # 4. and the model takes the result
 
     def begin_round(self) -> tuple[list[int], Optional[str], dict[str, Tensor]]:
         """Server, before training: the round's clients, RoLoRA's phase, and the global trainable
@@ -143,12 +144,12 @@ class Federation:
         clients that never answered are left out, the weights renormalised over the rest), the
         method's aggregation, the new global model, and the round's record."""
         self.local.set_scaling(self.scale)
-        kept, uploads, losses, dropped = self.receive(chosen, phase, results)
+        kept, uploads, losses, dropped = self.receive(chosen, phase, results)   # finite uploads, weight units
         tic = time.perf_counter()
         ranks = [self.clients[k].rank or self.R for k in kept]
         w = torch.tensor([self.clients[k].n for k in kept], dtype=torch.float64)
-        agg, new = self.aggregate(uploads, w / w.sum(), ranks, phase, glob)
-        self.apply(new, agg.delta_w)
+        agg, new = self.aggregate(uploads, w / w.sum(), ranks, phase, glob)     # p_k = n_k / sum_j n_j
+        self.apply(new, agg.delta_w)                                           # new adapter, folds into W0
         t_agg = time.perf_counter() - tic
         self.round += 1
         return round_record(self.round, kept, dropped, losses, agg,

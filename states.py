@@ -1,6 +1,6 @@
 """Aggregate whole client state dicts: find the LoRA pairs by name, stack same-shape layers, run
 one method of aggregators.py per stack, FedAvg everything else; and measure, per layer, how far
-each method's result is from the ideal update dW (`diagnostics`, `bias_bounds`, `eq8_objective`).
+each method's result is from the ideal update dW (`diagnostics`, `bias_bounds`, `eq8_from_factors`).
 
 Keys as this project, HF PEFT's saved adapters and a live PEFT model write them:
 
@@ -76,12 +76,13 @@ def diagnostics(update: Update, A: Tensor, B: Tensor, w, *, eps: float = 1e-12) 
     return cos, rel, applied.flatten(-2).norm(dim=-1) / nX
 
 
-def eq8_objective(update: Update, A: Tensor, B: Tensor, w, lam: float) -> tuple[Tensor, Tensor]:
+def eq8_from_factors(update: Update, A: Tensor, B: Tensor, w, lam: float) -> tuple[Tensor, Tensor]:
     """LoRA-FAIR's Eq. 8 as written (flat cosine, squared residual), in float64, per layer: at
     dB = 0, 1 - cos(dW, B_bar A_bar), and at the update, 1 - cos(dW, B' A') + lam (||B' - B_bar||^2
     + ||A' - A_bar||^2) (A' = A_bar unless the residual is on A). Two (...,) tensors. From the
     factors, dW = U V: <dW, Y A'> = sum((U^T Y) * (V A'^T)), ||Y A'||^2 = sum((Y^T Y) * (A' A'^T)),
-    so nothing d_out x d_in is formed (this runs every LoRA-FAIR round)."""
+    so nothing d_out x d_in is formed (this runs every LoRA-FAIR round). Checked against the plain
+    dense statement, aggregators.eq8_objective (tests/test_states.py)."""
     A, B = A.detach().double(), B.detach().double()
     w = torch.as_tensor(w).to(A.device, torch.float64)
     A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)
@@ -235,7 +236,7 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
     for (group, A, B, wg), upd in zip(stacks, updates):
         cos, rel, scale = diagnostics(upd, A, B, wg)
         fedit_cos, ceiling = bias_bounds(A, B, wg)
-        eq8 = eq8_objective(upd, A, B, wg, options.get("lam", 0.01)) if method == "lorafair" else None
+        eq8 = eq8_from_factors(upd, A, B, wg, options.get("lam", 0.01)) if method == "lorafair" else None
         for i, p in enumerate(group):
             if upd.A is not None:
                 out.state[pairs[p][0]] = upd.A[i]

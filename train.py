@@ -110,7 +110,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="shapes: embedded, generated offline (default)")
     p.add_argument("--data-root", default=None,
                    help="DomainNet: the folder holding <domain>/ and <domain>_{train,test}.txt; NICO++: the folder "
-                        "it was extracted into (README, Data)")
+                        "it was extracted into (docs/data.md)")
     p.add_argument("--splits", default=None, help="folder of <domain>_{train,test}.txt split files to use instead "
                                                   "of those found under --data-root")
     p.add_argument("--split-seed", type=int, default=0,
@@ -221,7 +221,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if args.local_head and args.method != "fedsa":
         raise UserError(f"--local-head applies to --method fedsa (its clients keep their own B), not {args.method}")
     if args.dataset != "shapes" and not args.data_root:
-        raise UserError(f"--dataset {args.dataset} needs --data-root (README, Data: what to download and where)")
+        raise UserError(f"--dataset {args.dataset} needs --data-root (docs/data.md: what to download and where)")
     if args.model not in SHAPES_MODELS:
         import timm
         if not timm.is_model(args.model):
@@ -258,7 +258,7 @@ OPTION_FLAGS = {   # method -> {aggregator option: train.py argument}
 
 
 # --method x --client-init pairs that have no consistent meaning: refused before any work.
-# Every other pair is defined (README, "Option combinations"; tests/test_train.py enumerates them).
+# Every other pair is defined (docs/training.md, "Option combinations"; tests/test_train.py enumerates them).
 REFUSED_INIT = {
     ("flora", "local"): "flora folds each round's dW into W0, so a client that continued from its own adapter "
                         "would count its update twice",

@@ -47,11 +47,11 @@ def test_lorafair_fixed_point(benchmark, record, ratio):
     record("lorafair fixed-point (default), whole round", benchmark)
     ratio("lorafair fixed-point speed-up over the SGD round", "lorafair factored, per SGD step",
           "lorafair fixed-point (default), whole round", scale=1000)
-    from states import eq8_objective
+    from states import eq8_from_factors
     for A, B in layers(torch.float64):
         w = W.double()
-        f0, f = eq8_objective(lorafair(A, B, w), A, B, w, 0.01)
-        _, f_sgd = eq8_objective(lorafair(A, B, w, solver="sgd"), A, B, w, 0.01)
+        f0, f = eq8_from_factors(lorafair(A, B, w), A, B, w, 0.01)
+        _, f_sgd = eq8_from_factors(lorafair(A, B, w, solver="sgd"), A, B, w, 0.01)
         assert (f <= f0 + 1e-12).all() and (f <= f_sgd + 1e-12).all()
 
 

@@ -70,3 +70,16 @@ def test_every_relative_link_leads_to_a_file_and_heading_that_exist(page):
 def test_readme_stays_a_front_door():
     """About 200 lines: detail lives in docs/ and bench/README.md."""
     assert len((ROOT / "README.md").read_text().splitlines()) <= 220
+
+
+def test_no_definition_is_longer_than_a_reader_holds():
+    """Every class and function in the project's modules (root, bench/, examples/) at most about
+    250 lines: a new feature splits its code rather than growing one definition."""
+    files = [*ROOT.glob("*.py"), *(ROOT / "bench").glob("*.py"), *(ROOT / "examples").rglob("*.py")]
+    long = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.end_lineno - node.lineno + 1 > 260:
+                long.append(f"{path.relative_to(ROOT)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert len(files) >= 10
+    assert not long, f"definitions over about 250 lines: {long}"
