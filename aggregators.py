@@ -825,10 +825,209 @@ def florist(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", tau:
     return _cast(Update(None, None, delta_w), dtype)
 
 
+# ----------------------------------------------------------------------------- the field's newer methods
+
+def fedsvd(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", tol: float = 0.0) -> Update:
+    """FedSVD (NeurIPS 2025): clients train B only, on the round's shared A; the server averages B
+    and re-factorises the product with its SVD,
+
+        M = B_bar A,   M = U S V^T,   A <- V_r^T,   B <- U_r S_r,
+
+    so B A = M = sum_k p_k B_k A exactly, and A's rows are M's top right singular vectors
+    (orthonormal) every round. As its authors' code (seanie12/fed-svd@36650e2): A frozen on the
+    clients (misc/utils.py l. 268-282, the 'ffa' model), B averaged with n_k weights (server.py
+    l. 96-112, 225-231), then `reinit_lora` on the server (server.py l. 81-86; misc/utils.py
+    l. 212-230: A = rows of V^T, B = U diag(S)). Computed without forming M: A^T = Q R (QR), the
+    small SVD B_bar R^T = P S O^T, then U = P and V = Q O. Where M has rank below r, the trailing
+    rows of A are an orthonormal completion with singular value 0.
+    Heterogeneous ranks: the shared A passes at rank R (as in ffa), B is the zero-padded average;
+    components are sorted, so client k's truncation is the best rank-r_k approximation of M.
+    """
+    A, B, w, dtype = _check(A, B, w, layer)
+    r = _padding(A, B, ranks, layer)
+    A0 = _shared(A, tol, layer, "fedsvd's clients train B only, on one shared A (freeze A on the clients)", r)
+    B_bar = weighted_mean(B, w)                                               # (..., d_out, R)
+    Q, Rf = torch.linalg.qr(A0.mT)                                            # Q: (..., d_in, R)  Rf: (..., R, R)
+    P, S, Oh = torch.linalg.svd(B_bar @ Rf.mT, full_matrices=False)          # (..., d_out, R), (..., R), (..., R, R)
+    return _cast(Update(Oh @ Q.mT, P * S[..., None, :], None), dtype)        # A: (..., R, d_in)  B: (..., d_out, R)
+
+
+def screenot_noise(s: Tensor, k: int, strategy: str = "i") -> Tensor:
+    """ScreeNOT's pseudo-noise (Donoho, Gavish and Romanov, 2023): the singular values s (..., p)
+    sorted ascending, with the largest k (at most the signal) replaced by a guess of where the noise
+    bulk would end: '0' zero, 'w' the (k+1)-th largest, 'i' an imputation along the bulk's edge,
+    z_l = z_(k+1) + a_l (z_(k+1) - z_(2k+1)), a_l = (1 - ((l - 1) / k)^(2/3)) / (2^(2/3) - 1)
+    (eladromanov/ScreeNOT@7735c53 Python/src/screenot/ScreeNOT.py `createPseudoNoise` l. 71-97)."""
+    z = s.double().sort(-1).values.clone()                                    # (..., p), ascending
+    p = z.shape[-1]
+    if not 0 <= k < p or (strategy == "i" and 2 * k + 1 >= p):
+        raise ValueError(f"ScreeNOT needs k < p{' and 2k + 1 < p' if strategy == 'i' else ''} for its noise "
+                         f"estimate, got k = {k}, p = {p} singular values")
+    if k == 0:
+        return z
+    if strategy == "0":
+        z[..., p - k:] = 0
+    elif strategy == "w":
+        z[..., p - k:] = z[..., p - k - 1:p - k]
+    elif strategy == "i":
+        edge, diff = z[..., p - k - 1], z[..., p - k - 1] - z[..., p - 2 * k - 1]          # (...,)
+        a = (1 - (torch.arange(k, dtype=torch.float64, device=z.device) / k) ** (2 / 3)) / (2 ** (2 / 3) - 1)
+        z[..., p - k:] = (edge[..., None] + a * diff[..., None]).flip(-1)   # z_l at position p - l
+    else:
+        raise ValueError(f"ScreeNOT strategy must be '0', 'w' or 'i', got {strategy!r}")
+    return z
+
+
+def screenot_threshold(s: Tensor, k: int, strategy: str = "i", gamma: float = 1.0) -> Tensor:
+    """ScreeNOT's optimal hard threshold for singular values s (..., p) of a matrix of aspect ratio
+    gamma <= 1: the t > max z solving F(t) = t D'(t) / D(t) = -4, with Phi(t) = mean(t / (t^2 - z^2)),
+    D(t) = Phi(t) (gamma Phi(t) + (1 - gamma) / t) over the pseudo-noise z (`screenot_noise`); found
+    as the package finds it, by doubling from [max z, max z + 2] and bisecting to an absolute width
+    of 1e-5 (`computeOptThreshold` l. 109-126, `F` l. 135-188), per matrix. Returns (...,), float64."""
+    z = screenot_noise(s, k, strategy)                                        # (..., p)
+
+    def F(y: Tensor) -> Tensor:                                               # (...,)
+        y2, z2 = y[..., None].square(), z.square()
+        phi, dphi = (y[..., None] / (y2 - z2)).mean(-1), (-(y2 + z2) / (y2 - z2).square()).mean(-1)
+        D = phi * (gamma * phi + (1 - gamma) / y)
+        dD = dphi * (gamma * phi + (1 - gamma) / y) + phi * (gamma * dphi - (1 - gamma) / y.square())
+        return y * dD / D
+
+    low = z.amax(-1)
+    high = low + 2.0
+    while (grow := F(high) < -4).any():                                       # F increases with t
+        low, high = torch.where(grow, high, low), torch.where(grow, 2 * high, high)
+    mid = high.clone()
+    while (active := high - low > 1e-5).any():
+        m = (high + low) / 2
+        below = F(m) < -4
+        low, high = torch.where(active & below, m, low), torch.where(active & ~below, m, high)
+        mid = torch.where(active, m, mid)
+    return mid
+
+
+def _normal(like: Tensor, std: float, seed: int, layer: Names = "layer") -> Tensor:
+    """N(0, std^2) entries shaped like `like`, each layer from its own stream seeded by (seed, its
+    name) as in `_xavier`: the same draws on every device and however the layers are grouped."""
+    names = [layer] if isinstance(layer, str) else list(layer)
+    lead, mat = like.shape[:-2], like.shape[-2:]
+
+    def draw(shape, name: str) -> Tensor:
+        g = torch.Generator().manual_seed((seed * 1_000_003 + _fnv1a(name)) % 2**63)
+        return torch.randn(shape, generator=g, dtype=torch.float64)
+    if len(names) == math.prod(lead):
+        noise = torch.stack([draw(mat, name) for name in names]).reshape(like.shape)
+    else:
+        noise = draw(like.shape, "layer")
+    return (noise * std).to(like)
+
+
+def spectral(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", strategy: str = "i",
+             k: Optional[int] = None, pad_std: float = 0.02, seed: int = 0) -> Update:
+    """SpecTraL (ECML PKDD 2026): the SVD of dW = sum_k p_k B_k A_k from the clients' stacked
+    factors, truncated at the rank ScreeNOT picks for it, each client taking its own rank of it:
+
+        dW = U S V^T (QR of both stacks, SVD of the small core),   m = #{sigma_j > tau},
+        B = U_m S_m, A = V_m^T;   slots m..R-1: B = 0, A ~ N(0, pad_std^2).
+
+    As its authors' code (DASS-Lab-Group/SpecTraL@00a3c4b server.py `aggregate_spectral` l. 668-700
+    through `aggregate_florist` l. 421-666): only the slots each client holds are stacked
+    (sum_k r_k of them, l. 492-508), QR of both stacks and the SVD of P = R_B R_A^T (l. 519-523,
+    565-566); tau = `screenot_threshold` of P's singular values with the upper bound
+    k = max(1, min(mn // 4, (mn - 2) // 2)) ('i'; mn - 1 for '0', 'w'), mn = min(P.shape), and
+    gamma from P's shape (`_select_rank_florist` l. 382-417); all of S on B (l. 607-610); a client
+    of rank r_k above m gets B's extra columns zero and A's extra rows N(0, 0.02^2) (client.py
+    l. 199-257, 'normal_a', the mode its README runs). Departures: the global adapter keeps
+    min(m, R) components (its server evaluates all m, which no client receives; R = the largest
+    client rank is what clients continue from); the padding is drawn from a stream seeded by
+    (seed, layer), not the process's global one; p_k multiplies B, not A (the same product).
+    k: ScreeNOT's upper bound on the signal rank (None: the automatic one above).
+    """
+    A, B, w, dtype = _check(A, B, w, layer)
+    r = _padding(A, B, ranks, layer)
+    if strategy not in ("i", "w", "0") or (k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1)):
+        raise ValueError(f"{_name(layer, -1)}: spectral needs strategy 'i', 'w' or '0' and k None or an integer >= 1, "
+                         f"got strategy {strategy!r}, k {k!r}")
+    *lead, K, R, d_in = A.shape
+    d_out = B.shape[-2]
+    held = torch.cat([torch.arange(R) < (R if r is None else int(r[j])) for j in range(K)])   # (K R,)
+    U, V = stacked_factors(A, B, w)                                           # (..., d_out, K R), (..., K R, d_in)
+    U, V = U[..., held], V[..., held, :]                                      # only what the clients hold
+    Qu, Ru = torch.linalg.qr(U)                                               # (..., d_out, m1), (..., m1, n)
+    Qv, Rv = torch.linalg.qr(V.mT)                                            # (..., d_in, m2), (..., m2, n)
+    P, S, Qh = torch.linalg.svd(Ru @ Rv.mT, full_matrices=False)             # core (..., m1, m2): S (..., mn)
+    m1, m2 = Ru.shape[-2], Rv.shape[-2]
+    mn = min(m1, m2)
+    k_max = max(1, (mn - 2) // 2) if strategy == "i" else max(1, mn - 1)
+    k_used = max(1, min(max(1, mn // 4) if k is None else int(k), k_max))
+    tau = screenot_threshold(S, k_used, strategy, min(m1 / m2, m2 / m1))      # (...,)
+    m = (S.double() > tau[..., None]).sum(-1).clamp_min(1)                    # (...,): the rank ScreeNOT keeps
+    n = min(mn, R)
+    keep = (torch.arange(R, device=S.device) < m[..., None].clamp_max(R)).to(S.dtype)   # (..., R)
+    B_new = torch.zeros(*lead, d_out, R, dtype=S.dtype, device=S.device)
+    B_new[..., :n] = (Qu @ P[..., :n]) * S[..., None, :n]
+    B_new = B_new * keep[..., None, :]                                        # (..., d_out, R)
+    A_new = torch.zeros(*lead, R, d_in, dtype=S.dtype, device=S.device)
+    A_new[..., :n, :] = Qh[..., :n, :] @ Qv.mT
+    A_new = torch.where(keep[..., :, None] > 0, A_new, _normal(A_new, pad_std, seed, layer))   # (..., R, d_in)
+    return _cast(Update(A_new, B_new, None), dtype)
+
+
+def frlora_init(W: Tensor, r: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """FRLoRA's start (IAMJackYan/FRLoRA@c29baad fed_global.py `ours_init` l. 38-75): the adapter
+    holds the base weight's top-r singular components, split evenly between the factors, and the
+    base weight keeps the rest, so the layer computes W first:
+
+        W = U S V^T,  A0 = sqrt(S_r / s) V_r^T,  B0 = U_r sqrt(S_r / s),  W_res = W - s B0 A0.
+
+    Returns (A0 (r, d_in), B0 (d_out, r), W_res (d_out, d_in)), in W's dtype (computed in float64)."""
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    root = (S[:r] / scale).sqrt()                                             # (r,)
+    A0, B0 = root[:, None] * Vh[:r], U[:, :r] * root                          # (r, d_in), (d_out, r)
+    return A0.to(W.dtype), B0.to(W.dtype), (W.double() - scale * B0 @ A0).to(W.dtype)
+
+
+def frlora(A: Tensor, B: Tensor, w, *, A_init: Optional[Tensor] = None, B_init: Optional[Tensor] = None,
+           ranks=None, layer: Names = "layer") -> Update:
+    """FRLoRA (ICLR 2025): every round the server averages the factors, folds what they add
+    beyond the initial adapter into the base weight, and restarts LoRA from its initial factors:
+
+        delta_w = B_bar A_bar - B_init A_init,   (A, B) <- (A_init, B_init),
+
+    so the effective weight after the round is W0 + s delta_w + s B_init A_init = W0 + s B_bar A_bar
+    (IAMJackYan/FRLoRA@c29baad label_skew_ours.py l. 167 average, l. 204-209 the fold into the base,
+    l. 221-224 the reset; A_init, B_init from `frlora_init`, once). Its clients train B only
+    (trainer.py l. 13-15: A stays A_init), which makes B_bar A_bar = sum_k p_k B_k A_k exact.
+    Departures: p_k as given (its code averages uniformly, l. 174: the same when clients hold equal
+    data); no regulariser (its `fedreg` trainer's term is built from detached copies, so it has no
+    gradient, trainer.py l. 358-361, and the released runs use the plain trainer).
+    A_init: (..., r, d_in), B_init: (..., d_out, r), as A and B without the client dim. Heterogeneous
+    ranks are not defined for it (a truncated start would drop part of the base weight's top
+    components) and are refused.
+    """
+    A, B, w, dtype = _check(A, B, w, layer)
+    r = _padding(A, B, ranks, layer)
+    if r is not None and (r != A.shape[-2]).any():
+        raise ValueError(f"{_name(layer, -1)}: frlora is defined for one rank shared by every client, got ranks "
+                         f"{r.tolist()}")
+    lead = A.shape[:-3]
+    if A_init is None or B_init is None:
+        raise ValueError(f"{_name(layer, -1)}: frlora needs A_init and B_init, the adapter every round restarts from "
+                         "(frlora_init)")
+    if tuple(A_init.shape) != (*lead, *A.shape[-2:]) or tuple(B_init.shape) != (*lead, *B.shape[-2:]):
+        raise ValueError(f"{_name(layer, -1)}: frlora's A_init {tuple(A_init.shape)} and B_init {tuple(B_init.shape)} "
+                         f"must be shaped like one client's A {tuple(A.shape[-2:])} and B {tuple(B.shape[-2:])}")
+    A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)                  # (..., r, d_in), (..., d_out, r)
+    A0, B0 = A_init.to(A), B_init.to(B)
+    delta_w = B_bar @ A_bar - B0 @ A0                                         # (..., d_out, d_in)
+    return _cast(Update(A0, B0, delta_w), dtype)
+
+
 AGGREGATORS: dict[str, Callable[..., Update]] = {
     "fedit": fedit, "ffa": ffa, "flora": flora, "flexlora": flexlora,
     "fedex": fedex, "fedsa": fedsa, "rolora": rolora, "lorafair": lorafair,
     "hetlora": hetlora, "rbla": rbla, "florist": florist,
+    "fedsvd": fedsvd, "spectral": spectral, "frlora": frlora,
 }
 
 

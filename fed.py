@@ -39,10 +39,11 @@ import exchange
 from aggregators import weighted_mean
 from states import aggregate_states, keep_unheld
 from data import DataError, DomainData
-from lora import fold_into_base, load_lora_state, lora_layers, reset_lora, trainable_state
+from lora import fold_into_base, frlora_start, load_lora_state, lora_layers, reset_lora, trainable_state
 
-FOLDS = ("flora", "fedex", "florist")         # fold an update into W0 every round
+FOLDS = ("flora", "fedex", "florist", "frlora")   # fold an update into W0 every round
 RESTARTS = ("flora", "florist")               # clients start every round from a fresh LoRA (A random, B = 0)
+FROZEN_A = ("ffa", "fedsvd", "frlora")        # clients train B only, on the global A
 
 
 class Diverged(RuntimeError):
@@ -98,6 +99,8 @@ class Federation:
         for c in clients:
             if c.rank is not None and not 1 <= c.rank <= self.R:
                 raise ValueError(f"client rank {c.rank} must be in 1..{self.R} (the model's LoRA rank)")
+        # FRLoRA: the adapter starts as W0's top-r components, W0 keeps the rest; every round restarts there
+        self.init = frlora_start(model) if cfg.method == "frlora" else {}
 
     # ------------------------------------------------------------------ Algorithm 1: one round
 
@@ -190,8 +193,10 @@ class Federation:
         uploads with weights p_k; returns its result and the new global trainable state."""
         cfg, t = self.cfg, self.round
         options = dict(cfg.agg_options)
-        if cfg.method == "lorafair" and options.get("init") == "xavier":
-            options["seed"] = _seed(cfg.seed, t, 3)
+        if (cfg.method == "lorafair" and options.get("init") == "xavier") or cfg.method == "spectral":
+            options["seed"] = _seed(cfg.seed, t, 3)                  # its random draws, the same on every process
+        if cfg.method == "frlora":
+            options["init"] = self.init
         if cfg.method == "rolora":
             options["phase"] = phase
         if any(r != self.R for r in ranks):
@@ -224,7 +229,7 @@ class Federation:
 
     @property
     def folds(self) -> bool:
-        """Whether this run changes the backbone's weights (FLoRA, FedEx-LoRA, FLoRIST, client_init='fresh')."""
+        """Whether this run changes the backbone's weights (FLoRA, FedEx-LoRA, FLoRIST, FRLoRA, client_init='fresh')."""
         return self.cfg.method in FOLDS or self.cfg.client_init == "fresh"
 
     def share_unreadable(self) -> None:
@@ -290,6 +295,7 @@ class Federation:
                     out[f"base/{prefix}"] = base.weight.detach()
         for i, c in enumerate(self.clients):
             out.update({f"client{i}/{k}": v for k, v in c.state.items()})
+        out.update({f"init/{k}": v for k, v in self.init.items()})
         out.update(self.unreadable_images.tensors())
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
@@ -303,6 +309,8 @@ class Federation:
         for i, c in enumerate(self.clients):
             p = f"client{i}/"
             c.state = {k[len(p):]: v.to(self.device) for k, v in tensors.items() if k.startswith(p)}
+        if self.init:
+            self.init = {k: tensors[f"init/{k}"].to(self.device) for k in self.init}
         self.unreadable_images.load(tensors)
         self.round = rounds_done
 
@@ -329,9 +337,9 @@ class LocalTraining:
         self.own_init = {k: v for k, v in trainable_state(model).items() if k in own} if cfg.method == "fedsa" else {}
 
     def set_trainable_factors(self, phase: Optional[str]) -> None:
-        """FFA-LoRA freezes A for the whole run; RoLoRA trains only this round's factor."""
+        """FFA-LoRA, FedSVD and FRLoRA train B only; RoLoRA trains only this round's factor."""
         params = dict(self.model.named_parameters())
-        train_A = self.cfg.method != "ffa" and phase != "B"
+        train_A = self.cfg.method not in FROZEN_A and phase != "B"
         train_B = phase != "A"
         for k in self.a_keys:
             params[k].requires_grad_(train_A)
@@ -484,8 +492,10 @@ def wire_bytes(method: str, local_head: bool, upload: dict[str, Tensor], a_keys:
                delta_w: dict[str, Tensor]) -> dict[str, int]:
     """Bytes a round moves in a real deployment, summed over its K clients: 'up', what they
     upload, and 'down', what each must receive to start the next round. A client uploads and
-    receives only what its method exchanges: FFA-LoRA's B (A is frozen and known), FedSA-LoRA's
-    A (B stays), RoLoRA's factor of the round; the head unless it is kept local. FedEx-LoRA's
+    receives only what its method exchanges: FFA-LoRA's and FRLoRA's B (A is frozen and known; an
+    FRLoRA client folds B_bar A0 - B0 A0 itself), FedSA-LoRA's A (B stays), RoLoRA's factor of the
+    round, FedSVD's B up and both factors down (the server re-factorises A); the head unless it is
+    kept local. FedEx-LoRA's
     clients also receive the dense residual they fold into W0, FLoRA's the K stacked adapters,
     FLoRIST's the rank-m factors of the update they fold.
     A client of rank r_k moves r_k of the R rows of A and columns of B."""
@@ -494,9 +504,11 @@ def wire_bytes(method: str, local_head: bool, upload: dict[str, Tensor], a_keys:
     def size(keys, r=R):
         return sum(upload[k].numel() * upload[k].element_size() * (r / R if k in factor_keys else 1) for k in keys)
     head = [] if method == "fedsa" and local_head else head_keys
-    factors = {"ffa": b_keys, "fedsa": a_keys,
+    factors = {"ffa": b_keys, "fedsvd": b_keys, "frlora": b_keys, "fedsa": a_keys,
                "rolora": a_keys if phase == "A" else b_keys}.get(method, a_keys + b_keys)
     up = down = sum(size(factors + head, r) for r in ranks)          # each client receives what it sends
+    if method == "fedsvd":                                           # and the server's new A
+        down = sum(size(a_keys + b_keys + head, r) for r in ranks)
     if method == "fedex":
         down += len(ranks) * sum(d.numel() * d.element_size() for d in delta_w.values())
     if method == "flora":

@@ -211,6 +211,22 @@ def fold_into_base(model: nn.Module, delta_w: Mapping[str, Tensor]) -> None:
         base.weight[rows] += lora.scaling * d.to(base.weight)
 
 
+@torch.no_grad()
+def frlora_start(model: nn.Module) -> dict[str, Tensor]:
+    """FRLoRA's start on every adapter (aggregators.frlora_init): A and B take the top-r singular
+    components of the rows of W0 they add to, W0 keeps the rest, so the model computes what it did.
+    Returns the initial adapter {'<prefix>.lora_A.weight': A0, '<prefix>.lora_B.weight': B0}."""
+    from aggregators import frlora_init
+    out = {}
+    for prefix, (lora, base, rows) in lora_layers(model).items():
+        A0, B0, rest = frlora_init(base.weight[rows], lora.r, lora.scaling)
+        lora.lora_A.weight.copy_(A0)
+        lora.lora_B.weight.copy_(B0)
+        base.weight[rows] = rest
+        out[f"{prefix}.lora_A.weight"], out[f"{prefix}.lora_B.weight"] = A0.clone(), B0.clone()
+    return out
+
+
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     """Everything a client uploads: the adapters and the other trainable tensors (the head)."""
     return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad

@@ -196,6 +196,7 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
     must agree across clients and are copied. A state with no LoRA pair at all is an error (it
     would otherwise be averaged as FedAvg, whatever the method).
 
+    frlora takes init= its initial adapter (aggregators.frlora_init), keyed as the states.
     previous: the global state the round started from. Given, what no client trained is kept from
     it (`keep_unheld`: the frozen factor, and with heterogeneous `ranks` the slots no client holds);
     without it, those come back as the aggregators return them (zeros past the largest rank).
@@ -229,6 +230,14 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
         stacks.append((group, A, B, w.to(A.device)))
     if method == "lorafair":
         updates = lorafair_groups(stacks, **options)
+    elif method == "frlora":                    # its initial factors, keyed as the states, stacked as A and B
+        options = dict(options)
+        init = options.pop("init", None)
+        if init is None or any(k not in init for ab in pairs.values() for k in ab):
+            raise ValueError("frlora needs init= the initial adapter (aggregators.frlora_init), keyed as the states")
+        updates = [fn(A, B, wg, layer=group, A_init=torch.stack([init[pairs[p][0]] for p in group]).to(A.device),
+                      B_init=torch.stack([init[pairs[p][1]] for p in group]).to(B.device), **options)
+                   for group, A, B, wg in stacks]
     else:
         updates = [fn(A, B, wg, layer=group, **options) for group, A, B, wg in stacks]
 

@@ -163,6 +163,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--hetlora-use-p", action="store_true",
                    help="hetlora: weight clients by p_k ||B_k A_k|| instead of ||B_k A_k|| alone")
     p.add_argument("--florist-tau", type=float, default=0.9, help="florist: share of sum sigma^2 the kept components reach")
+    p.add_argument("--spectral-strategy", default="i", choices=["i", "w", "0"],
+                   help="spectral: ScreeNOT's noise estimate (imputation, winsorization, transport to zero)")
+    p.add_argument("--spectral-k", type=int, default=None,
+                   help="spectral: ScreeNOT's upper bound on the signal rank (default: a quarter of the stacked rank)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast, on the CPU too (default: on where the GPU has native bf16, compute capability "
@@ -254,6 +258,7 @@ OPTION_FLAGS = {   # method -> {aggregator option: train.py argument}
                  "init": "fair_init", "similarity": "fair_similarity", "correct": "fair_correct", "objective": "fair_objective"},
     "hetlora": {"use_p": "hetlora_use_p"},
     "florist": {"tau": "florist_tau"},
+    "spectral": {"strategy": "spectral_strategy", "k": "spectral_k"},
 }
 
 
@@ -273,6 +278,12 @@ REFUSED_INIT = {
     ("fedsa", "fresh"): "a freshly drawn A would be paired with each client's old B",
     ("rolora", "fresh"): "a fresh LoRA has B = 0, so in every phase-'A' round (only A trains) A's gradient is "
                          "exactly zero",
+    ("fedsvd", "local"): "fedsvd's server re-factorises the shared A every round; clients that kept their own "
+                         "adapters would never train on it",
+    ("frlora", "local"): "frlora folds each round's update into W0 and restarts every client from its initial "
+                         "adapter; a client that continued from its own would count its update twice",
+    ("frlora", "fresh"): "frlora restarts every client from W0's top singular components; a fresh random LoRA "
+                         "would replace that start",
 }
 
 
@@ -292,6 +303,9 @@ def check_combination(args) -> None:
                            ("clients_per_domain", "one client holds every domain's data")):
             if getattr(args, dest) != getattr(defaults, dest):
                 raise UserError(f"--{dest.replace('_', '-')} does not apply to --centralised: {what}")
+    if args.method == "frlora" and args.ranks:
+        raise UserError("--method frlora with --ranks: its adapter starts as W0's top-r singular components, shared "
+                        "by every client, so one rank is defined (give it with --rank)")
     if args.rank_by != defaults.rank_by and not args.ranks:
         raise UserError("--rank-by needs --ranks (the list it assigns)")
     if args.dataset == "shapes":
@@ -328,6 +342,8 @@ def check_method_options(args) -> None:
     if not options:
         return
     A, B = torch.ones(2, 1, 3, dtype=torch.float64), torch.ones(2, 2, 1, dtype=torch.float64)
+    if args.method == "spectral":                     # ScreeNOT needs a few singular values to work on
+        A, B = torch.ones(2, 4, 16, dtype=torch.float64), torch.ones(2, 16, 4, dtype=torch.float64)
     try:
         AGGREGATORS[args.method](A, B, [0.5, 0.5], **options)
     except ValueError as e:

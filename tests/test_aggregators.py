@@ -22,12 +22,13 @@ def eq8_minimum(A, B, w, lam):
 def clients(K=3, lead=(), r=R, d_out=D_OUT, d_in=D_IN, seed=0, method=None, device="cpu"):
     """Random client factors A: (*lead, K, r, d_in), B: (*lead, K, d_out, r) and weights w: (K,).
 
-    For ffa the clients share one A; for rolora (phase 'A') one B, as those methods require.
+    For ffa, fedsvd and frlora the clients share one A; for rolora (phase 'A') one B, as those
+    methods require.
     """
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(*lead, K, r, d_in, generator=g, dtype=torch.float64)
     B = torch.randn(*lead, K, d_out, r, generator=g, dtype=torch.float64)
-    if method == "ffa":
+    if method in ("ffa", "fedsvd", "frlora"):
         A = A[..., :1, :, :].expand_as(A).clone()
     if method == "rolora":
         B = B[..., :1, :, :].expand_as(B).clone()
@@ -45,12 +46,14 @@ def product(u: Update, A, B, w):
 
 
 def run(method, A, B, w, **kw):
+    if method == "frlora" and A.dim() >= 3 and A.shape[-3] > 0:   # an initial adapter, whatever the client order
+        kw = {"A_init": A.amax(-3), "B_init": 0.5 * B.amax(-3), **kw}
     return AGGREGATORS[method](A, B, w, **{**OPTS.get(method, {}), **kw})
 
 
 def test_registry_names():
     assert list(AGGREGATORS) == ["fedit", "ffa", "flora", "flexlora", "fedex", "fedsa", "rolora", "lorafair",
-                                 "hetlora", "rbla", "florist"]
+                                 "hetlora", "rbla", "florist", "fedsvd", "spectral", "frlora"]
     with pytest.raises(ValueError, match="unknown method 'fedavg'.*fedit"):
         get_aggregator("fedavg")
 
@@ -80,18 +83,18 @@ def test_permutation_invariance(method):
     u, v = run(method, A, B, w), run(method, A[perm], B[perm], w[perm])
     for x, y in zip(u, v):
         assert (x is None) == (y is None)
-        if x is not None and method not in ("flexlora", "florist"):  # SVD factors: unique up to sign
+        if x is not None and method not in ("flexlora", "florist", "spectral"):  # SVD factors: up to sign
             torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(product(u, A, B, w), product(v, A[perm], B[perm], w[perm]), rtol=1e-9, atol=1e-9)
 
 
 # For one client (or identical ones), at every method's defaults: which leave the adapter as it is
 KEEPS_FACTORS = ("fedit", "ffa", "fedex", "fedsa", "rolora", "lorafair", "hetlora", "rbla")   # bit for bit up to 1e-12
-KEEPS_PRODUCT = ("flora", "flexlora")   # B A + delta_w kept; FLoRA restarts the factors, FlexLoRA replaces them
+KEEPS_PRODUCT = ("flora", "flexlora", "fedsvd", "frlora")   # B A + delta_w kept, the factors replaced (FLoRA: restarted)
 
 
 def test_the_identity_lists_cover_the_registry():
-    assert set(KEEPS_FACTORS) | set(KEEPS_PRODUCT) | {"florist"} == set(AGGREGATORS)
+    assert set(KEEPS_FACTORS) | set(KEEPS_PRODUCT) | {"florist", "spectral"} == set(AGGREGATORS)
 
 
 @pytest.mark.parametrize("identical", [1, 4])
@@ -103,7 +106,10 @@ def test_one_client_at_the_defaults(method, identical):
     A, B = A.expand(identical, -1, -1).clone(), B.expand(identical, -1, -1).clone()
     w = torch.arange(1, identical + 1, dtype=torch.float64)
     w = w / w.sum()
-    u = AGGREGATORS[method](A, B, w, **({"phase": "B"} if method == "rolora" else {}))
+    kw = {"phase": "B"} if method == "rolora" else {}
+    if method == "frlora":                                      # an initial adapter other than the client's
+        kw = {"A_init": torch.ones_like(A[0]), "B_init": torch.ones_like(B[0])}
+    u = AGGREGATORS[method](A, B, w, **kw)
     mine = B[0] @ A[0]
     if method in KEEPS_FACTORS:
         torch.testing.assert_close(u.A, A[0], rtol=0, atol=1e-12)
@@ -116,6 +122,10 @@ def test_one_client_at_the_defaults(method, identical):
             assert u.A is None and u.B is None                  # a fresh LoRA next round
         else:                                                   # the SVD's factors, not the client's
             assert (u.A - A[0]).norm() > 0.5 * A[0].norm() and (u.B - B[0]).norm() > 0.5 * B[0].norm()
+    elif method == "spectral":                                  # the best rank-m approximation, m ScreeNOT's
+        m = int((u.B.norm(dim=0) > 0).sum())
+        U, S, Vh = torch.linalg.svd(mine, full_matrices=False)
+        torch.testing.assert_close(u.B @ u.A, (U[:, :m] * S[:m]) @ Vh[:m], rtol=1e-10, atol=1e-10)
     else:                                                       # florist at tau 0.9 drops energy
         want, m = dense_florist(A, B, w, 0.9)
         assert m < 6
@@ -331,10 +341,11 @@ def test_xavier_noise_is_drawn_per_layer_by_name():
 @pytest.mark.parametrize("method", list(AGGREGATORS))
 def test_batched_equals_per_layer_loop(method):
     A, B, w = clients(K=3, lead=(2, 3), method=method)
-    u = run(method, A, B, w)
+    names = [f"blocks.{i}.mlp{j}" for i in range(2) for j in range(3)]      # random draws follow the layer name
+    u = run(method, A, B, w, layer=names)
     for i in range(2):
         for j in range(3):
-            v = run(method, A[i, j], B[i, j], w)
+            v = run(method, A[i, j], B[i, j], w, layer=names[3 * i + j])
             for x, y in zip(u, v):
                 if x is not None:
                     torch.testing.assert_close(x[i, j], y, rtol=1e-10, atol=1e-12)
@@ -425,7 +436,7 @@ def hetero_clients(ranks=RANKS, R=4, d_out=D_OUT, d_in=D_IN, method=None, seed=0
     K = len(ranks)
     A = torch.randn(K, R, d_in, generator=g, dtype=torch.float64)
     B = torch.randn(K, d_out, R, generator=g, dtype=torch.float64)
-    if method in ("ffa", "rolora"):
+    if method in ("ffa", "rolora", "fedsvd"):
         A = A[:1].expand(K, -1, -1).clone()
     keep = (torch.arange(R) < torch.tensor(ranks)[:, None]).double()          # (K, R)
     w = torch.rand(K, generator=g, dtype=torch.float64) + 0.1
@@ -560,10 +571,14 @@ def test_unequal_adapter_scalings_are_aggregated_in_weight_units(method):
     B = B[:1].expand(4, -1, -1).clone()                                     # ... and one B, in weight units
     target = B[0] @ A[0]
     opts = OPTS.get(method, {})
+    if method == "frlora":
+        opts = {"A_init": A[0] * 0.5, "B_init": B[0] * 0.5}
     into_A = method == "rolora" and opts.get("phase") == "A"
     A_k, B_k = (A / s[:, None, None], B) if into_A else (A, B / s[:, None, None])
     u = rescaled(method, A_k, B_k, w, s, **opts)
     in_weight_units = (A_k * s[:, None, None], B_k) if into_A else (A_k, B_k * s[:, None, None])
+    if method == "spectral":          # keeps the components ScreeNOT calls signal: what it keeps in weight units
+        target = applied_update(AGGREGATORS[method](*in_weight_units, w, **opts), *in_weight_units, w)
     torch.testing.assert_close(applied_update(u, *in_weight_units, w), target, rtol=1e-9, atol=1e-9)
     if u.A is not None and u.B is not None:
         for k in range(4):

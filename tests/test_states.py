@@ -168,14 +168,16 @@ def test_peft_clients_aggregated_and_loaded_back(method):
     template = get_peft_model_state_dict(model)
     g = torch.Generator().manual_seed(1)
     states = [{k: torch.randn(v.shape, generator=g) for k, v in template.items()} for _ in range(3)]
-    shared = "lora_A" if method in ("ffa", "rolora") else None       # ffa, rolora (phase 'B'): one frozen A
+    shared = "lora_A" if method in ("ffa", "rolora", "fedsvd", "frlora") else None   # one frozen A
     for s in states[1:]:
         for k in s:
             if shared and shared in k:
                 s[k] = states[0][k].clone()
     w = [0.2, 0.3, 0.5]
+    init = {k: v * 0.5 for k, v in states[0].items() if "lora_" in k}      # frlora: its initial adapter
     out = aggregate_states(states, w, method, **({"phase": "B"} if method == "rolora" else
-                                                 {"steps": 50} if method == "lorafair" else {}))
+                                                 {"steps": 50} if method == "lorafair" else
+                                                 {"init": init} if method == "frlora" else {}))
     assert set(out.state) <= set(template)
     result = set_peft_model_state_dict(model, out.state)
     assert not result.unexpected_keys
@@ -185,6 +187,15 @@ def test_peft_clients_aggregated_and_loaded_back(method):
     scaling = 6 / 2
     for layer, dw in out.delta_w.items():                             # the caller's fold, as README shows
         model.get_submodule(layer).base_layer.weight.data += scaling * dw
+    if method == "frlora":              # its initial adapter, with the fold: W0 + s B_bar A_bar (A shared)
+        for layer in out.delta_w:
+            A = torch.stack([s[layer + ".lora_A.weight"] for s in states])
+            B = torch.stack([s[layer + ".lora_B.weight"] for s in states])
+            m = model.get_submodule(layer)
+            eff = m.base_layer.weight + scaling * (m.lora_B["default"].weight @ m.lora_A["default"].weight)
+            name = layer[len("base_model.model."):] + ".weight"
+            want = W0[name] + scaling * dense_dW(A.double(), B.double(), torch.tensor(w, dtype=torch.float64))
+            torch.testing.assert_close(eff.double(), want, rtol=1e-5, atol=1e-5)
     if method == "flora":
         for k in back:
             if "lora_B" in k:
