@@ -940,7 +940,10 @@ def spectral(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", str
     l. 199-257, 'normal_a', the mode its README runs). Departures: the global adapter keeps
     min(m, R) components (its server evaluates all m, which no client receives; R = the largest
     client rank is what clients continue from); the padding is drawn from a stream seeded by
-    (seed, layer), not the process's global one; p_k multiplies B, not A (the same product).
+    (seed, layer), not the process's global one; p_k multiplies B, not A (the same product); where
+    the stacked rank is too small for ScreeNOT's noise estimate (fewer than 4 singular values for
+    'i', 2 for the others: one client of rank 3, say) every component is kept, where its package
+    raises.
     k: ScreeNOT's upper bound on the signal rank (None: the automatic one above).
     """
     A, B, w, dtype = _check(A, B, w, layer)
@@ -960,8 +963,11 @@ def spectral(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", str
     mn = min(m1, m2)
     k_max = max(1, (mn - 2) // 2) if strategy == "i" else max(1, mn - 1)
     k_used = max(1, min(max(1, mn // 4) if k is None else int(k), k_max))
-    tau = screenot_threshold(S, k_used, strategy, min(m1 / m2, m2 / m1))      # (...,)
-    m = (S.double() > tau[..., None]).sum(-1).clamp_min(1)                    # (...,): the rank ScreeNOT keeps
+    if mn < (4 if strategy == "i" else 2):                  # too few values to tell noise from: keep them all
+        m = torch.full(S.shape[:-1], mn, device=S.device)
+    else:
+        tau = screenot_threshold(S, k_used, strategy, min(m1 / m2, m2 / m1))  # (...,)
+        m = (S.double() > tau[..., None]).sum(-1).clamp_min(1)                # (...,): the rank ScreeNOT keeps
     n = min(mn, R)
     keep = (torch.arange(R, device=S.device) < m[..., None].clamp_max(R)).to(S.dtype)   # (..., R)
     B_new = torch.zeros(*lead, d_out, R, dtype=S.dtype, device=S.device)

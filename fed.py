@@ -100,6 +100,8 @@ class Federation:
             if c.rank is not None and not 1 <= c.rank <= self.R:
                 raise ValueError(f"client rank {c.rank} must be in 1..{self.R} (the model's LoRA rank)")
         # FRLoRA: the adapter starts as W0's top-r components, W0 keeps the rest; every round restarts there
+        if cfg.method == "frlora" and any((c.rank or self.R) != self.R for c in clients):
+            raise ValueError("frlora is defined for one rank shared by every client (its start is W0's top-r components)")
         self.init = frlora_start(model) if cfg.method == "frlora" else {}
 
     # ------------------------------------------------------------------ Algorithm 1: one round

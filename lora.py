@@ -263,12 +263,18 @@ def peft_adapter(model: nn.Module, base_model: str | None = None) -> tuple[dict,
     so it becomes one adapter of rank 2 r with A = [A_q; A_v] and B = [[B_q, 0], [0, 0], [0, B_v]]
     (rows q, k, v), whose product is exactly the q/v update; rank_pattern and alpha_pattern (2 r,
     2 alpha) keep the scaling alpha / r. That is exact for inference, but training it in PEFT is not
-    the same parameterisation (the zero blocks of B would learn).
+    the same parameterisation (the zero blocks of B would learn). A layer whose B ends in zero
+    columns (SpecTraL keeps fewer components than r in some layers) is exported at the rank it
+    holds, with rank_pattern and alpha_pattern (alpha r_l / r, the same scaling).
     """
     tensors, targets, rank_pattern, alpha_pattern, loras = {}, [], {}, {}, []
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear):
             A, B, loras = m.lora_A.weight, m.lora_B.weight, loras + [m]
+            held = int((B.detach().abs().amax(0) > 0).nonzero().max()) + 1 if B.detach().any() else m.r
+            if held < m.r:            # trailing zero columns of B add nothing: a smaller rank, the same scaling
+                A, B = A[:held], B[:, :held]
+                rank_pattern[name], alpha_pattern[name] = held, m.alpha * held / m.r
         elif isinstance(m, LoRAQKV):
             d, r = m.d, m.q.r
             A = torch.cat([m.q.lora_A.weight, m.v.lora_A.weight])                      # (2 r, d_in)

@@ -99,9 +99,10 @@ LSQ = {   # LoRA-FAIR's closed-form objective (aggregators.lsq_residual): lam 0 
     "lorafair lsq lam 0.01": ["--method", "lorafair", "--fair-objective", "lsq", "--fair-lam", "0.01"],
 }
 BACKBONES = {"vit": "vit_shapes", "mixer": "mixer_shapes"}
+NEWER = ["fedsvd", "spectral", "frlora"]   # the field's newer methods, beside the paper's in the ViT cells
 PAPER = {   # the paper's methods per table; the ViT feature setting runs every method here
-    ("paper", "vit"): ["fedit", "ffa", "flora", "flexlora", "lorafair"],
-    ("feature", "vit"): list(AGGREGATORS)[:8],
+    ("paper", "vit"): ["fedit", "ffa", "flora", "flexlora", "lorafair", *NEWER],
+    ("feature", "vit"): [*list(AGGREGATORS)[:8], *NEWER],
     ("feature", "mixer"): ["fedit", "ffa", "flora", "flexlora", "lorafair"],
     ("label", "vit"): ["fedit", "flora", "flexlora", "lorafair"],
     ("partial", "vit"): ["fedit", "flora", "flexlora", "lorafair"],
@@ -124,7 +125,7 @@ ABLATIONS = {   # each against LoRA-FAIR's defaults (first two rows: the runs of
 }
 LABELS = {"hetlora": "hetlora (aggregation step only)"}
 PALETTE = ["fedit", "lorafair", "ffa", "flora", "flexlora", "centralised", "fedex", "fedsa", "rolora", "lorafair sgd",
-           "hetlora", "rbla", "florist", *LSQ, *(k for k in ABLATIONS if k not in ("fedit", "lorafair", "lorafair sgd"))]   # no rank self-pruning (docs/methods.md)
+           "hetlora", "rbla", "florist", *NEWER, *LSQ, *(k for k in ABLATIONS if k not in ("fedit", "lorafair", "lorafair sgd"))]   # no rank self-pruning (docs/methods.md)
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086]   # Student's t, 97.5% quantile, 1..20 degrees of freedom
 

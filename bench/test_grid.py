@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from aggregators import AGGREGATORS
-from tests.reference import dense_dW, dense_flexlora, dense_florist, dense_hetlora, dense_lorafair, dense_rbla
+from tests.reference import (dense_dW, dense_fedsvd, dense_flexlora, dense_florist, dense_frlora, dense_hetlora,
+                             dense_lorafair, dense_rbla, dense_spectral)
 
 GEOMETRIES = {
     "toy": [(64, 48)] * 4,
@@ -75,7 +76,11 @@ def cost(method, do, di, K, r):
         return 2 * inputs + 2 * K * r * r * (do + di), 4 * (inputs + r * (do + di))
     if method in ("flora", "fedex"):
         return 2 * do * (Kr + (r if method == "fedex" else 0)) * di, 4 * (inputs + do * di)
-    if method == "flexlora":
+    if method == "fedsvd":     # the average of B, A's QR, the (d_out x r) SVD, the new factors
+        return 2 * inputs + 4 * di * r * r + 14 * do * r * r + 2 * (do + di) * r * r, 4 * (inputs + 2 * r * (do + di))
+    if method == "frlora":     # the averages, then two dense products (the fold it returns)
+        return 2 * inputs + 4 * do * r * di, 4 * (inputs + do * di)
+    if method in ("flexlora", "spectral"):     # spectral: flexlora's SVD, then ScreeNOT on K r numbers
         m = min(Kr, do, di)
         return 4 * (do + di) * Kr * m + 22 * m ** 3 + 2 * (do + di) * m * r, 4 * (inputs + 2 * (do + di) * m)
     if method == "florist":    # flexlora's core SVD, then the dense truncated product it folds
@@ -106,7 +111,15 @@ def reference(method, ranks=None):
         "hetlora": dense_hetlora,
         "rbla": lambda A, B, w: dense_rbla(A, B, w, ranks or [A.shape[-2]] * A.shape[-3]),
         "florist": lambda A, B, w: dense_florist(A, B, w, 0.9),
+        "fedsvd": dense_fedsvd,
+        "spectral": lambda A, B, w: dense_spectral(A, B, w, ranks),
+        "frlora": lambda A, B, w: dense_frlora(A, B, w, A[..., 0, :, :], 0.5 * B[..., 0, :, :]),
     }[method]
+
+
+def options(method, A, B):
+    """Keyword arguments a method needs beyond (A, B, w): FRLoRA's initial adapter (a fixed one)."""
+    return {"A_init": A[..., 0, :, :], "B_init": 0.5 * B[..., 0, :, :]} if method == "frlora" else {}
 
 
 def inputs(geometry, K, r, method, device, ranks=None):
@@ -119,7 +132,7 @@ def inputs(geometry, K, r, method, device, ranks=None):
     for (do, di), L in groups.items():
         A = (torch.randn(L, K, r, di, generator=g) / di ** 0.5).to(device)
         B = (torch.randn(L, K, do, r, generator=g) * 1e-2).to(device)
-        if method == "ffa":
+        if method in ("ffa", "fedsvd", "frlora"):
             A[:] = A[:, :1]
         if method == "rolora":
             B[:] = B[:, :1]
@@ -136,8 +149,10 @@ def predicted(method, geometry, K, r, m, dense=False):
         fl, by = cost(method, do, di, K, r)
         if dense and method == "lorafair":    # forms dW once and (B_bar + dB) A_bar at every step, fwd + bwd
             fl = 2 * do * di * K * r + FAIR_STEPS * 6 * do * di * r
-        if dense and method in ("flexlora", "florist"):   # dense dW, then a dense SVD (~14 d_out d_in min)
+        if dense and method in ("flexlora", "florist", "spectral"):   # dense dW, then a dense SVD (~14 d_out d_in min)
             fl = 2 * do * di * K * r + 14 * do * di * min(do, di)
+        if dense and method == "fedsvd":                  # the dense B_bar A, then its dense SVD
+            fl = 2 * do * di * r + 14 * do * di * min(do, di)
         f, b = f + fl, b + by
     return max(f / m["flops"], b / m["bw"])
 
@@ -153,8 +168,8 @@ def test_server_step(benchmark, machine, method, geometry, K, r):
 
     def gb(dense):       # inputs plus `dense` d_out x d_in matrices per layer, float32
         return sum(4 * K * r * (do + di) + 4 * dense * do * di for do, di in GEOMETRIES[geometry]) / 2 ** 30
-    dense_fast = 1 if method in ("flora", "fedex", "florist") or (method == "lorafair" and K * r > 2048) else 0
-    dense_ref = 3 if method in ("flora", "fedex", "flexlora", "lorafair") else 0
+    dense_fast = 1 if method in ("flora", "fedex", "florist", "frlora") or (method == "lorafair" and K * r > 2048) else 0
+    dense_ref = 3 if method in ("flora", "fedex", "flexlora", "lorafair", "fedsvd", "spectral", "frlora") else 0
     if gb(dense_fast) > MEM_GB:
         pytest.skip(f"inputs and output {gb(dense_fast):.1f} GB > BENCH_MEM_GB={MEM_GB}")
     bound = predicted(method, geometry, K, r, machine)
@@ -165,8 +180,8 @@ def test_server_step(benchmark, machine, method, geometry, K, r):
     fn, kw = AGGREGATORS[method], {"phase": "A"} if method == "rolora" else {}
     if method == "lorafair":
         kw = {"solver": "sgd", "steps": FAIR_STEPS}
-    benchmark.pedantic(lambda: [fn(A, B, w, **kw) for A, B in data] and sync(dev), rounds=2, iterations=1,
-                       warmup_rounds=1)
+    benchmark.pedantic(lambda: [fn(A, B, w, **kw, **options(method, A, B)) for A, B in data] and sync(dev), rounds=2,
+                       iterations=1, warmup_rounds=1)
     fast = benchmark.stats.stats.min
     ref_pred = predicted(method, geometry, K, r, machine, dense=True) * 3    # dense code runs ~3x its bound
     ref_fn = reference(method)
@@ -182,6 +197,8 @@ def test_server_step(benchmark, machine, method, geometry, K, r):
 def test_server_step_heterogeneous(benchmark, machine, method, geometry, K):
     """Client ranks cycled over HETERO_RANKS, zero-padded to R = 64: cost as at r = R, plus the checks."""
     dev, R = machine["device"], max(HETERO_RANKS)
+    if method == "frlora":
+        pytest.skip("frlora is defined for one rank shared by every client")
     if R > min(min(shape) for shape in GEOMETRIES[geometry]):
         pytest.skip(f"R = {R} exceeds the layers' size")
     ranks = [HETERO_RANKS[k % len(HETERO_RANKS)] for k in range(K)]

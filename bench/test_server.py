@@ -6,8 +6,8 @@ Run: pytest bench/test_server.py   (timings and ratios are printed at the end)
 import pytest
 import torch
 
-from aggregators import AGGREGATORS, flexlora, lorafair
-from tests.reference import dense_flexlora, dense_lorafair
+from aggregators import AGGREGATORS, fedsvd, flexlora, frlora, lorafair, spectral
+from tests.reference import dense_fedsvd, dense_flexlora, dense_frlora, dense_lorafair, dense_spectral
 
 K, R, DEPTH = 6, 16, 12
 GEOMETRY = [(768, 768), (768, 3072)]     # (d_out, d_in): attn.proj, mlp.fc2
@@ -101,6 +101,48 @@ def test_flexlora_dense(benchmark, record, ratio):
     data = layers(torch.float64)
     for (A, B), u, (a, b) in zip(data, server_step(flexlora, data), [dense_flexlora(A, B, W.double()) for A, B in data]):
         assert torch.allclose(u.B @ u.A, b @ a, rtol=1e-8, atol=1e-10)
+
+
+def shared_A(data):
+    """FedSVD's and FRLoRA's clients train B only: one A for every client."""
+    return [(A[:, :1].expand_as(A).contiguous(), B) for A, B in data]
+
+
+def init_of(A, B):
+    """FRLoRA's initial adapter for these layers (any fixed one: its cost does not depend on it)."""
+    return {"A_init": A[:, 0], "B_init": 0.5 * B[:, 0]}
+
+
+NEWER = {   # method: (the factored function, its dense reference, inputs, keyword arguments)
+    "fedsvd": (fedsvd, lambda A, B, w: dense_fedsvd(A, B, w), shared_A, lambda A, B: {}),
+    "spectral": (spectral, lambda A, B, w: dense_spectral(A, B, w), lambda d: d, lambda A, B: {}),
+    "frlora": (frlora, lambda A, B, w, A_init, B_init: dense_frlora(A, B, w, A_init, B_init), shared_A, init_of),
+}
+
+
+@pytest.mark.parametrize("method", list(NEWER))
+def test_newer_factored(benchmark, record, method):
+    fn, _, prepare, kw = NEWER[method]
+    data = prepare(layers())
+    benchmark.pedantic(lambda: [fn(A, B, W, **kw(A, B)) for A, B in data], rounds=5, iterations=1, warmup_rounds=1)
+    record(f"{method} factored", benchmark)
+
+
+@pytest.mark.parametrize("method", list(NEWER))
+def test_newer_dense(benchmark, record, ratio, method):
+    """The dense reference of each (tests/reference.py: the product formed, dense SVD, and for
+    SpecTraL the ScreeNOT package a layer at a time), and in float64 the same product."""
+    fn, ref, prepare, kw = NEWER[method]
+    data = prepare(layers())
+    benchmark.pedantic(lambda: [ref(A, B, W, **kw(A, B)) for A, B in data], rounds=2, iterations=1)
+    record(f"{method} dense reference", benchmark)
+    ratio(f"{method} factored speed-up", f"{method} dense reference", f"{method} factored")
+    w = torch.full((K,), 1.0 / K, dtype=torch.float64)                      # sums to 1 in float64 too
+    for A, B in prepare(layers(torch.float64)):
+        u, want = fn(A, B, w, **kw(A, B)), ref(A, B, w, **kw(A, B))
+        got = u.delta_w if method == "frlora" else u.B @ u.A
+        want = want if method == "frlora" else want[0] if method == "spectral" else want[1] @ want[0]
+        assert torch.allclose(got, want, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("method", ["fedit", "ffa", "flora", "fedex", "fedsa", "rolora"])

@@ -92,3 +92,43 @@ def dense_florist(A, B, w, tau):
     share = (S ** 2).cumsum(-1) / (S ** 2).sum(-1, keepdim=True)
     m = int((share < tau - 1e-12).sum()) + 1
     return (U[..., :m] * S[..., None, :m]) @ Vh[..., :m, :], m
+
+
+def dense_fedsvd(A, B, w):
+    """FedSVD as its authors' reinit_lora writes it: the dense product of the averaged B and the
+    shared A (client 0's), its SVD, A = V_r^T, B = U_r diag(S_r)."""
+    r = A.shape[-2]
+    B_bar = sum(w[k] * B[..., k, :, :] for k in range(B.shape[-3]))
+    U, S, Vh = torch.linalg.svd(B_bar @ A[..., 0, :, :], full_matrices=False)
+    return Vh[..., :r, :], U[..., :r] * S[..., None, :r]
+
+
+def dense_spectral(A, B, w, ranks=None, strategy="i"):
+    """SpecTraL's product from the dense dW, one layer at a time: ScreeNOT (its authors' package) on
+    dW's singular values, as many as the stacked core has (min(d_out, d_in, sum r_k)), with the
+    upper bound and aspect ratio SpecTraL gives it; dW's SVD truncated to min(m, R). Returns the
+    product (..., d_out, d_in) and the ranks m (...,)."""
+    from screenot.ScreeNOT import computeOptThreshold, createPseudoNoise
+    dW = dense_dW(A, B, w)
+    K, R = A.shape[-3], A.shape[-2]
+    d_out, d_in = dW.shape[-2:]
+    n = sum(ranks) if ranks is not None else K * R
+    m1, m2 = min(d_out, n), min(d_in, n)
+    mn = min(m1, m2)
+    k = max(1, min(max(1, mn // 4), max(1, (mn - 2) // 2) if strategy == "i" else max(1, mn - 1)))
+    flat, out, kept = dW.reshape(-1, d_out, d_in), [], []
+    for M in flat:
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        s = S[:mn].double().cpu().numpy()
+        tau = computeOptThreshold(createPseudoNoise(s.copy(), k, strategy=strategy), min(m1 / m2, m2 / m1))
+        m = max(1, int((s > tau).sum()))
+        out.append((U[:, :min(m, R)] * S[:min(m, R)]) @ Vh[:min(m, R)])
+        kept.append(m)
+    return torch.stack(out).reshape(dW.shape), torch.tensor(kept).reshape(dW.shape[:-2])
+
+
+def dense_frlora(A, B, w, A_init, B_init):
+    """FRLoRA's fold, densely: sum_k p_k B_k A_k - B_init A_init (its clients share A, so dW is
+    B_bar A_bar)."""
+    return dense_dW(A, B, w) - B_init @ A_init
+

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aggregators import fedsvd, frlora, frlora_init, screenot_noise, screenot_threshold, spectral
-from tests.reference import dense_dW
+from tests.reference import dense_dW, dense_fedsvd, dense_frlora, dense_spectral
 from tests.test_aggregators import avg, clients, hetero_clients, truncated
 
 
@@ -16,14 +16,6 @@ def svd_truncation(M, m):
 
 
 # ----------------------------------------------------------------------------- FedSVD
-
-def dense_fedsvd(A, B, w):
-    """FedSVD as its authors' reinit_lora writes it: the dense product of the averaged B and the
-    shared A, its SVD, A = V_r^T, B = U_r diag(S_r)."""
-    r = A.shape[-2]
-    U, S, Vh = torch.linalg.svd(avg(B, w) @ A[..., 0, :, :], full_matrices=False)
-    return Vh[..., :r, :], U[..., :r] * S[..., None, :r]
-
 
 @pytest.mark.parametrize("K, lead", [(1, ()), (3, ()), (6, (2,))])
 def test_fedsvd_is_the_svd_of_the_averaged_product(K, lead):
@@ -94,23 +86,6 @@ def test_screenot_refuses_an_upper_bound_it_cannot_use():
         screenot_threshold(s, 6, "w")
 
 
-def dense_spectral(A, B, w, ranks, R, strategy="i"):
-    """SpecTraL's rank and product from the dense dW: ScreeNOT (the authors' package) on dW's
-    singular values, as many as the stacked core P has (min(d_out, d_in, sum r_k)), with its upper
-    bound and P's aspect ratio; the product is dW's SVD truncated to min(m, R)."""
-    from screenot.ScreeNOT import computeOptThreshold, createPseudoNoise
-    dW = dense_dW(A, B, w)
-    d_out, d_in = dW.shape
-    n = sum(ranks)
-    m1, m2 = min(d_out, n), min(d_in, n)
-    mn = min(m1, m2)
-    s = torch.linalg.svdvals(dW)[:mn].numpy()
-    k = max(1, min(max(1, mn // 4), max(1, (mn - 2) // 2) if strategy == "i" else max(1, mn - 1)))
-    tau = computeOptThreshold(createPseudoNoise(s.copy(), k, strategy=strategy), min(m1 / m2, m2 / m1))
-    m = max(1, int((s > tau).sum()))
-    return svd_truncation(dW, min(m, R)), m
-
-
 @pytest.mark.parametrize("strategy", ["i", "w", "0"])
 @pytest.mark.parametrize("ranks", [[4, 4, 4, 4, 4, 4], [1, 3, 2, 4]])
 def test_spectral_is_dW_truncated_where_screenot_says(ranks, strategy):
@@ -124,9 +99,9 @@ def test_spectral_is_dW_truncated_where_screenot_says(ranks, strategy):
     A = (0.05 * A + torch.cat([signal_A, torch.zeros(R - 2, d, dtype=torch.float64)])) * keep[:, :, None]
     B = (0.05 * B + 3 * torch.cat([signal_B, torch.zeros(d, R - 2, dtype=torch.float64)], 1)) * keep[:, None, :]
     u = spectral(A, B, w, ranks=ranks, strategy=strategy, seed=7, layer="blocks.0.mlp.fc2")
-    want, m = dense_spectral(A, B, w, ranks, R, strategy)
+    want, m = dense_spectral(A, B, w, ranks, strategy)
     torch.testing.assert_close(u.B @ u.A, want, rtol=1e-9, atol=1e-9)
-    kept = min(m, R)
+    kept = min(int(m), R)
     assert int((u.B.norm(dim=0) > 0).sum()) == kept and u.delta_w is None
     for r in range(1, kept + 1):                                   # each client's truncation: its best approximation
         torch.testing.assert_close(truncated(u.B, r, True) @ truncated(u.A, r), svd_truncation(dense_dW(A, B, w), r),
@@ -184,6 +159,8 @@ def test_frlora_effective_weight_after_the_round(shared_A):
     u = frlora(A, B, w, A_init=A_init, B_init=B_init)
     assert torch.equal(u.A, A_init) and torch.equal(u.B, B_init)
     after = rest + s * u.delta_w + s * u.B @ u.A
+    want = dense_frlora(A, B, w, A_init, B_init) if shared_A else avg(B, w) @ avg(A, w) - B_init @ A_init
+    torch.testing.assert_close(u.delta_w, want, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(after, rest + s * avg(B, w) @ avg(A, w), rtol=1e-12, atol=1e-12)
     if shared_A:
         torch.testing.assert_close(after, rest + s * dense_dW(A, B, w), rtol=1e-12, atol=1e-12)
@@ -198,3 +175,14 @@ def test_frlora_refuses_what_it_does_not_define():
         frlora(A, B, w)
     with pytest.raises(ValueError, match="must be shaped like one client's"):
         frlora(A, B, w, A_init=A[3, :2], B_init=B[3])
+
+
+def test_spectral_keeps_every_component_where_screenot_has_too_few_to_work_on():
+    """One client of rank 3 (3 singular values; ScreeNOT's imputation needs at least 4): its
+    package raises there; SpecTraL here keeps them all, the client's own product."""
+    A, B, w = clients(K=1, r=3, d_out=12, d_in=10)
+    u = spectral(A, B, w)
+    torch.testing.assert_close(u.B @ u.A, B[0] @ A[0], rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="2k \\+ 1 < p"):
+        screenot_threshold(torch.linalg.svdvals(B[0] @ A[0])[:3], 1, "i")
+

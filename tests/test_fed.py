@@ -274,7 +274,7 @@ def test_bytes_on_the_wire_per_method(method, monkeypatch):
     size = lambda pred: sum(v.numel() * 4 for k, v in up0.items() if pred(k))   # noqa: E731 (float32)
     A, B = size(lambda k: "lora_A" in k), size(lambda k: "lora_B" in k)
     head = size(lambda k: k.startswith("head."))
-    per = {"ffa": B, "fedsa": A, "rolora": B}.get(method, A + B) + head   # rolora: round 0 trains B
+    per = {"ffa": B, "fedsa": A, "rolora": B, "fedsvd": B, "frlora": B}.get(method, A + B) + head   # rolora: round 0: B
     assert rec["bytes"]["up"] == K * per
     if method == "flora":      # every client receives the K stacked adapters it folds in
         assert rec["bytes"]["down"] == K * (K * (A + B) + head)
@@ -286,6 +286,8 @@ def test_bytes_on_the_wire_per_method(method, monkeypatch):
             A_, B_ = (torch.stack([u[key] for u in states]).double() for key in (a, b))
             per_layer += dense_florist(A_, B_, w, 0.9)[1] * (B_.shape[-2] + A_.shape[-1]) * 4
         assert rec["bytes"]["down"] == K * (per_layer + head)
+    elif method == "fedsvd":   # and the server's re-factorised A
+        assert rec["bytes"]["down"] == K * (A + B + head)
     elif method == "fedex":    # and the dense residual, d_out x d_in per layer
         residual = sum(b.weight[rows].numel() * 4 for _, b, rows in lora_layers(fed.model).values())
         assert rec["bytes"]["down"] == K * (per + residual)
@@ -329,7 +331,19 @@ def test_a_lower_rank_client_trains_exactly_at_its_own_rank_and_scaling():
             torch.testing.assert_close(v, got[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", list(AGGREGATORS))
+HETERO = [m for m in AGGREGATORS if m != "frlora"]   # frlora defines one rank (refused: test below)
+
+
+def test_frlora_refuses_clients_of_other_ranks():
+    fed = federation("frlora")
+    fed.clients[0].rank = 1
+    with pytest.raises(ValueError, match="frlora is defined for one rank"):     # a round: the aggregator's check
+        fed.run_round()
+    with pytest.raises(ValueError, match="frlora is defined for one rank"):     # built so: Federation's own
+        Federation(fed.model, fed.domains, fed.clients, fed.cfg, fed.device)
+
+
+@pytest.mark.parametrize("method", HETERO)
 def test_heterogeneous_rank_rounds_keep_each_client_at_its_rank(method):
     fed = federation(method)
     for c, (r, s) in zip(fed.clients, [(1, 8.0), (2, 2.0), (2, 4.0)]):
@@ -372,7 +386,7 @@ def slots(fed):
 
 
 @pytest.mark.parametrize("absent", ["not sampled", "NaN"])
-@pytest.mark.parametrize("method", list(AGGREGATORS))
+@pytest.mark.parametrize("method", HETERO)
 def test_a_slot_no_participant_holds_keeps_its_global_value(method, absent):
     fed = hetero(method)
     with torch.no_grad():                                  # a global adapter with every slot in use
@@ -386,8 +400,11 @@ def test_a_slot_no_participant_holds_keeps_its_global_value(method, absent):
     for a, b in zip(fed.a_keys, fed.b_keys):
         if method in ("flora", "florist"):                 # a fresh LoRA: every A row drawn, B = 0
             assert (new[a].abs().sum(1) > 0).all() and new[b].abs().max() == 0
-        elif method == "flexlora":                         # re-factorised: every A row a singular vector
+        elif method in ("flexlora", "fedsvd"):             # re-factorised: every A row a singular vector
             assert (new[a].norm(dim=1) - 1).abs().max() < 1e-5
+        elif method == "spectral":                         # a singular vector, or a drawn row with B's column 0
+            kept = new[b].abs().sum(0) > 0
+            assert ((new[a].norm(dim=1) - 1).abs() < 1e-5)[kept].all() and kept[0]
         else:                                              # slot 1: held by nobody, bit for bit the global
             assert torch.equal(new[a][1:], glob[a][1:]) and torch.equal(new[b][:, 1:], glob[b][:, 1:])
             assert not torch.equal(new[b][:, :1], glob[b][:, :1])           # slot 0 was trained
@@ -401,7 +418,7 @@ def test_a_slot_no_participant_holds_keeps_its_global_value(method, absent):
         assert all(torch.equal(new[a][1:], glob[a][1:]) for a in fed.a_keys)
 
 
-@pytest.mark.parametrize("method", list(AGGREGATORS))
+@pytest.mark.parametrize("method", [m for m in HETERO if m != "spectral"])   # spectral: ScreeNOT picks the rank
 def test_a_top_rank_client_absent_in_round_1_leaves_the_rank_structure_of_full_participation(method):
     partial, full = hetero(method), hetero(method)
     manual_round(partial, [0, 1])                         # the rank-2 client is not drawn

@@ -148,3 +148,53 @@ def test_fold_into_base_adds_scaled_delta_to_the_right_rows():
     fold_into_base(model, {"blocks.0.attn.qkv.v": delta})
     torch.testing.assert_close(base.weight[rows], W[rows] + 3.0 * delta)
     assert torch.equal(base.weight[: 2 * base.out_features // 3], W[: 2 * base.out_features // 3])
+
+
+def test_frlora_start_keeps_the_models_outputs_and_holds_the_top_components():
+    from lora import frlora_start
+    model = inject_lora(tiny_vit(), ["attn.qkv", "attn.proj", "mlp.fc2"], r=3, alpha=6).eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+        W = {p: base.weight[rows].clone() for p, (_, base, rows) in lora_layers(model).items()}
+        init = frlora_start(model)
+        torch.testing.assert_close(model(x), before, rtol=1e-10, atol=1e-10)    # the layer still computes W
+    for p, (lora, base, rows) in lora_layers(model).items():
+        assert torch.equal(lora.lora_A.weight, init[f"{p}.lora_A.weight"])
+        U, S, Vh = torch.linalg.svd(W[p], full_matrices=False)
+        torch.testing.assert_close(lora.delta_weight(), (U[:, :3] * S[:3]) @ Vh[:3], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(base.weight[rows] + lora.delta_weight(), W[p], rtol=0, atol=1e-12)
+
+
+def test_a_rank_that_varies_by_layer_is_exported_with_peft_rank_pattern(tmp_path):
+    """B with trailing zero columns (SpecTraL keeps fewer components than r in a layer): the layer
+    is exported at the rank it holds, with the same scaling, and PEFT loads it to the same outputs."""
+    import json
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    from lora import peft_adapter
+    torch.manual_seed(0)
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8,
+                              depth=2)
+    base_state = {k: v.clone() for k, v in plain.state_dict().items()}
+    model = inject_lora(plain, ["attn.proj", "mlp.fc2"], r=4, alpha=8).eval()
+    randomise_B(model)
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for lora, _, _ in layers.values():
+            lora.lora_B.weight.copy_(lora.lora_B.weight.float())
+        layers["blocks.0.mlp.fc2"][0].lora_B.weight[:, 2:] = 0                       # holds rank 2
+        layers["blocks.1.attn.proj"][0].lora_B.weight[:, 1:] = 0                     # holds rank 1
+    config, tensors = peft_adapter(model)
+    assert config["rank_pattern"] == {"blocks.0.mlp.fc2": 2, "blocks.1.attn.proj": 1}
+    assert config["alpha_pattern"] == {"blocks.0.mlp.fc2": 4.0, "blocks.1.attn.proj": 2.0}
+    assert tensors["base_model.model.blocks.0.mlp.fc2.lora_A.weight"].shape == (2, 768)          # fc2: d_in 4 x 192
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5, img_size=32, patch_size=8,
+                              depth=2)
+    fresh.load_state_dict(base_state)
+    peft = PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(peft(x), model.float()(x), rtol=1e-5, atol=1e-5)

@@ -486,8 +486,8 @@ def test_method_options_reach_the_aggregator(tmp_path, monkeypatch, method, extr
 def expected_refusal(method, init, centralised, participation, fair):
     """Which flag a combination is refused over (None: defined), written out independently of train.py."""
     if (method, init) in {("flora", "local"), ("florist", "local"), ("fedex", "local"), ("rolora", "local"),
-                          ("fedsa", "local"),
-                          ("fedsa", "fresh"), ("rolora", "fresh")}:
+                          ("fedsa", "local"), ("fedsvd", "local"), ("frlora", "local"),
+                          ("fedsa", "fresh"), ("rolora", "fresh"), ("frlora", "fresh")}:
         return "--client-init"
     if fair and method != "lorafair":
         return "--fair-lam"
@@ -549,7 +549,7 @@ def test_defined_combinations_run(tmp_path, method, init, centralised):
     for r in recs:
         assert torch.isfinite(torch.tensor([r["train_loss"], r["cos"], r["rel_err"], r["acc"]["mean"]])).all()
         assert len(r["clients"]) == (1 if centralised else 2)
-    folded = method in ("flora", "fedex", "florist") or init == "fresh"
+    folded = method in ("flora", "fedex", "florist", "frlora") or init == "fresh"
     note = (tmp_path / "run" / "adapter" / "NOTE.txt").read_text()          # TINY: --no-pretrained, said too
     assert ("folded updates into the backbone" in note) == folded and "drawn at random (--no-pretrained)" in note
 

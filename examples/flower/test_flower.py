@@ -64,7 +64,8 @@ def test_lorafair_in_flower_equals_train_py(tmp_path):
 @pytest.mark.parametrize("method, extra", [("fedit", ""), ("flora", ""), ("fedsa", ""), ("rolora", "--rounds 3"),
                                            ("fedex", "--participation 0.67"), ("ffa", ""), ("flexlora", ""),
                                            ("hetlora", "--ranks 1,2"), ("florist", "--ranks 1,2"),
-                                           ("fedit", "--ranks 1,2 --participation 0.67"), ("fedit", "--client-init fresh")])
+                                           ("fedit", "--ranks 1,2 --participation 0.67"), ("fedit", "--client-init fresh"),
+                                           ("fedsvd", "--ranks 1,2"), ("spectral", "--ranks 1,2"), ("frlora", "")])
 def test_every_method_in_flower_equals_train_py(tmp_path, method, extra):
     rounds = 3 if "--rounds 3" in extra else 2
     equal_to_train_py(tmp_path, method, extra.replace("--rounds 3", ""), rounds=rounds)
