@@ -386,22 +386,27 @@ def _fnv1a(name: str) -> int:
     return h
 
 
-def _xavier(like: Tensor, seed: int, layer: Names = "layer") -> Tensor:
-    """xavier_uniform_ on each (fan_out, fan_in) matrix: U(-b, b), b = sqrt(6 / (fan_in + fan_out)),
-    drawn on the CPU in float64 so the same seed gives the same noise on every device. With one
-    name per batched layer, each layer draws from its own stream, seeded by (seed, its name): no
-    two layers share noise, and a layer's noise does not depend on how the layers were grouped."""
+def _per_layer(like: Tensor, seed: int, layer: Names, sample: Callable) -> Tensor:
+    """float64 draws shaped like `like`, on the CPU so the same seed gives the same numbers on every
+    device: with one name per batched layer, each layer from its own stream, seeded by (seed, its
+    name), so no two layers share draws and a layer's do not depend on how layers were grouped;
+    an unnamed batch draws from one stream. sample(shape, generator) -> float64 tensor."""
     names = [layer] if isinstance(layer, str) else list(layer)
     lead, mat = like.shape[:-2], like.shape[-2:]
 
     def draw(shape, name: str) -> Tensor:
-        g = torch.Generator().manual_seed((seed * 1_000_003 + _fnv1a(name)) % 2**63)
-        return torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
+        return sample(shape, torch.Generator().manual_seed((seed * 1_000_003 + _fnv1a(name)) % 2**63))
     if len(names) == math.prod(lead):                                # one name per layer (or one layer)
-        noise = torch.stack([draw(mat, name) for name in names]).reshape(like.shape)
-    else:                                                            # unnamed batch: one stream for it all
-        noise = draw(like.shape, "layer")
-    return (noise * math.sqrt(6.0 / sum(mat))).to(like)
+        return torch.stack([draw(mat, name) for name in names]).reshape(like.shape)
+    return draw(like.shape, "layer")
+
+
+def _xavier(like: Tensor, seed: int, layer: Names = "layer") -> Tensor:
+    """xavier_uniform_ on each (fan_out, fan_in) matrix: U(-b, b), b = sqrt(6 / (fan_in + fan_out)),
+    each layer from its own seeded stream (`_per_layer`)."""
+    noise = _per_layer(like, seed, layer,
+                       lambda shape, g: torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1)
+    return (noise * math.sqrt(6.0 / sum(like.shape[-2:]))).to(like)
 
 
 def _check_fair_options(solver: str, steps, lr, lam: float, init: str, similarity: str, correct: str,
@@ -907,19 +912,9 @@ def screenot_threshold(s: Tensor, k: int, strategy: str = "i", gamma: float = 1.
 
 
 def _normal(like: Tensor, std: float, seed: int, layer: Names = "layer") -> Tensor:
-    """N(0, std^2) entries shaped like `like`, each layer from its own stream seeded by (seed, its
-    name) as in `_xavier`: the same draws on every device and however the layers are grouped."""
-    names = [layer] if isinstance(layer, str) else list(layer)
-    lead, mat = like.shape[:-2], like.shape[-2:]
-
-    def draw(shape, name: str) -> Tensor:
-        g = torch.Generator().manual_seed((seed * 1_000_003 + _fnv1a(name)) % 2**63)
-        return torch.randn(shape, generator=g, dtype=torch.float64)
-    if len(names) == math.prod(lead):
-        noise = torch.stack([draw(mat, name) for name in names]).reshape(like.shape)
-    else:
-        noise = draw(like.shape, "layer")
-    return (noise * std).to(like)
+    """N(0, std^2) entries shaped like `like`, each layer from its own seeded stream (`_per_layer`)."""
+    return (_per_layer(like, seed, layer, lambda shape, g: torch.randn(shape, generator=g, dtype=torch.float64))
+            * std).to(like)
 
 
 def spectral(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", strategy: str = "i",

@@ -133,8 +133,9 @@ def test_the_paper_regime_cell_runs_the_papers_lr_and_methods_with_its_own_centr
     import train
     jobs = planned([("paper", ["--seeds", "0,1"], "paper")])["paper"]
     names = [name for name, _, _ in jobs]
-    assert sorted(set(names)) == sorted(["fedit", "ffa", "flora", "flexlora", "lorafair", "lorafair sgd", "centralised"])
-    assert len(jobs) == 7 * 2                                           # every row, every seed
+    assert sorted(set(names)) == sorted(["fedit", "ffa", "flora", "flexlora", "lorafair", "lorafair sgd", "centralised",
+                                         "fedsvd", "spectral", "frlora"])         # the paper's rows and the newer three
+    assert len(jobs) == 10 * 2                                          # every row, every seed
     for name, argv, out in jobs:
         a = train.get_args_parser().parse_args(argv)                    # what train.py will see (later flags win)
         assert (a.lr, a.n_train, a.rounds, a.batch_size, a.clients_per_domain) == (0.01, 600, 1, 16, 1)
