@@ -9,7 +9,7 @@
      method (`aggregate`: states.aggregate_states, FedAvg for the head; a rank slot no participant
      holds keeps its global value);
   4. the new global adapter is loaded, delta_w folded into W0 where the method does (FLoRA,
-     FedEx-LoRA, FLoRIST), and the round's record logged (`round_record`): cos(dW, dW_applied),
+     FedEx-LoRA, FLoRIST, FRLoRA), and the round's record logged (`round_record`): cos(dW, dW_applied),
      ||dW - dW_applied|| / ||dW||, ||dW_applied|| / ||dW||, FedIT's cosine and the ceiling of any
      refined B (states.bias_bounds), for LoRA-FAIR Eq. 8's objective at dB = 0 and at its dB.
 
@@ -103,6 +103,14 @@ class Federation:
         if cfg.method == "frlora" and any((c.rank or self.R) != self.R for c in clients):
             raise ValueError("frlora is defined for one rank shared by every client (its start is W0's top-r components)")
         self.init = frlora_start(model) if cfg.method == "frlora" else {}
+        if self.init and world > 1:          # rank 0's start everywhere: an SVD rounds as its hardware does
+            layers = lora_layers(model)
+            rest = exchange.from_lead({p: base.weight[rows].clone() for p, (_, base, rows) in layers.items()}, world)
+            self.init = exchange.from_lead(self.init, world)
+            with torch.no_grad():
+                for p, (_, base, rows) in layers.items():
+                    base.weight[rows] = rest[p]
+            load_lora_state(model, self.init)
 
     # ------------------------------------------------------------------ Algorithm 1: one round
 

@@ -263,9 +263,9 @@ def peft_adapter(model: nn.Module, base_model: str | None = None) -> tuple[dict,
     so it becomes one adapter of rank 2 r with A = [A_q; A_v] and B = [[B_q, 0], [0, 0], [0, B_v]]
     (rows q, k, v), whose product is exactly the q/v update; rank_pattern and alpha_pattern (2 r,
     2 alpha) keep the scaling alpha / r. That is exact for inference, but training it in PEFT is not
-    the same parameterisation (the zero blocks of B would learn). A layer whose B ends in zero
+    the same parameterisation (the zero blocks of B would learn). Any layer whose B ends in zero
     columns (SpecTraL keeps fewer components than r in some layers) is exported at the rank it
-    holds, with rank_pattern and alpha_pattern (alpha r_l / r, the same scaling).
+    holds, with rank_pattern and alpha_pattern (alpha r_l / r, the same scaling): the same outputs.
     """
     tensors, targets, rank_pattern, alpha_pattern, loras = {}, [], {}, {}, []
     for name, m in model.named_modules():

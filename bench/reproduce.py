@@ -5,8 +5,8 @@
 Each run is made as bench/compare.py makes it (same arguments, same shipped backbone) into --out,
 then its metrics.jsonl is compared with the committed one under bench/results/, every field but the
 timings (`seconds`). Printed per run: the fields that differ and their largest relative difference.
-Bit-for-bit equality holds on the machine and code path that made the committed runs (README,
-"Repeatability"); another CPU's kernels move the last bits (bench/cpu_paths.py measures how far).
+Bit-for-bit equality holds on the machine and code path that made the committed runs
+(docs/training.md, "Repeatability"); another CPU's kernels move the last bits (bench/cpu_paths.py measures how far).
 """
 from __future__ import annotations
 

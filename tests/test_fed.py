@@ -32,7 +32,7 @@ def test_round_runs_and_logs_diagnostics(method):
     rec = fed.run_round()
     assert rec["round"] == 1 and rec["clients"] == [0, 1, 2]
     assert -1 <= rec["cos"] <= 1 + 1e-6 and rec["rel_err"] >= 0
-    if method in ("flora", "fedex", "ffa", "rolora"):      # exact methods
+    if method in ("flora", "fedex", "ffa", "rolora", "fedsvd", "frlora"):      # exact methods
         assert rec["cos"] == pytest.approx(1.0, abs=1e-5) and rec["rel_err"] < 1e-3
     for layer in rec["layers"].values():                  # FedIT <= ceiling; LoRA-FAIR (keeps A_bar) <= ceiling
         assert layer["cos_fedit"] <= layer["ceiling"] + 1e-9 and layer["scale"] > 0

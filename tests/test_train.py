@@ -49,7 +49,8 @@ def test_one_round_of_every_method(tmp_path, method):
 
 
 @pytest.mark.parametrize("method", ["lorafair", "fedsa", "fedsa --local-head", "flora", "fedit --client-init fresh",
-                                    "fedit --client-init local", "fedsa --ranks 1,2", "flexlora --ranks 2,1"])
+                                    "fedit --client-init local", "fedsa --ranks 1,2", "flexlora --ranks 2,1",
+                                    "fedsvd --ranks 2,1", "spectral", "frlora"])
 def test_resume_equals_unbroken_run(tmp_path, method):
     m = ["--method", *method.split()]
     assert train(tmp_path, *m, "--rounds", "3", name="full") == 0

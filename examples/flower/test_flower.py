@@ -2,7 +2,7 @@
 
 Both run in one thread per process (the ServerApp in this process, each ClientApp in a Ray
 actor of one CPU), so every matrix product sums in the same order as train.py's. Marked `slow`:
-the methods beyond the one CI runs (README: Testing).
+the methods beyond the one CI runs (README: Test).
 """
 import json
 import os
