@@ -357,7 +357,7 @@ def project_model(args, out):
     return model.eval()
 
 
-@pytest.mark.parametrize("method", ["lorafair", "fedex"])
+@pytest.mark.parametrize("method", ["lorafair", "fedex", "spectral", "frlora"])
 def test_run_exports_a_peft_adapter_and_a_merged_timm_checkpoint(tmp_path, method):
     from peft import PeftModel
     from tests.test_backbone import args_for, source_vit
@@ -381,10 +381,10 @@ def test_run_exports_a_peft_adapter_and_a_merged_timm_checkpoint(tmp_path, metho
     assert config["target_modules"] == [f"blocks.{i}.{m}" for i in range(4) for m in ("attn.qkv", "attn.proj", "mlp.fc2")]
     assert config["rank_pattern"]["blocks.0.attn.qkv"] == 4 and config["alpha_pattern"]["blocks.0.attn.qkv"] == 16
     assert config["r"] == 2 and config["lora_alpha"] == 8 and config["modules_to_save"] == ["head"]
-    if method == "lorafair":     # the adapter alone carries the trained model
+    if method in ("lorafair", "spectral"):     # the adapter alone carries the trained model
         torch.testing.assert_close(peft(x), ours, rtol=1e-5, atol=1e-5 * ours.abs().max().item())
         assert not (out / "adapter" / "NOTE.txt").exists()
-    else:                        # fedex folded residuals into W0: the adapter says so, merged.safetensors has them
+    else:                        # fedex, frlora folded updates into W0: the adapter says so, merged.safetensors has them
         assert "merged.safetensors" in (out / "adapter" / "NOTE.txt").read_text()
         assert (peft(x) - ours).abs().max() > 1e-4
 
