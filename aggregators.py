@@ -187,7 +187,7 @@ def weighted_mean(X: Tensor, w: Tensor) -> Tensor:
 
 
 def stacked_factors(A: Tensor, B: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """U = [p_1 B_1 ... p_K B_K], V = [A_1; ...; A_K], so that U @ V = dW = sum_k p_k B_k A_k.
+    """U = [p_1 B_1 ... p_K B_K], V = [A_1; ...; A_K], so that U @ V = dW = sum_k p_k B_k A_k (Eq. 6).
 
     This is FLoRA's stacking; it lets every method see dW at rank K r without forming it.
     """
@@ -818,7 +818,7 @@ def florist(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", tau:
     A, B, w, dtype = _check(A, B, w, layer)
     _padding(A, B, ranks, layer)
     if not 0 < tau <= 1:
-        raise ValueError(f"{_name(layer, -1)}: florist tau must be in (0, 1], got {tau!r}")
+        raise ValueError(f"florist tau must be in (0, 1], got {tau!r}")
     U, V = stacked_factors(A, B, w)                 # U: (..., d_out, K R)  V: (..., K R, d_in)
     Qu, Ru = torch.linalg.qr(U)
     Qv, Rv = torch.linalg.qr(V.mT)
@@ -944,7 +944,7 @@ def spectral(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", str
     A, B, w, dtype = _check(A, B, w, layer)
     r = _padding(A, B, ranks, layer)
     if strategy not in ("i", "w", "0") or (k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1)):
-        raise ValueError(f"{_name(layer, -1)}: spectral needs strategy 'i', 'w' or '0' and k None or an integer >= 1, "
+        raise ValueError(f"spectral needs strategy 'i', 'w' or '0' and k None or an integer >= 1, "
                          f"got strategy {strategy!r}, k {k!r}")
     *lead, K, R, d_in = A.shape
     d_out = B.shape[-2]
@@ -970,7 +970,8 @@ def spectral(A: Tensor, B: Tensor, w, *, ranks=None, layer: Names = "layer", str
     B_new = B_new * keep[..., None, :]                                        # (..., d_out, R)
     A_new = torch.zeros(*lead, R, d_in, dtype=S.dtype, device=S.device)
     A_new[..., :n, :] = Qh[..., :n, :] @ Qv.mT
-    A_new = torch.where(keep[..., :, None] > 0, A_new, _normal(A_new, pad_std, seed, layer))   # (..., R, d_in)
+    if not keep.all():                                      # padded slots: fresh A rows, B columns stay 0
+        A_new = torch.where(keep[..., :, None] > 0, A_new, _normal(A_new, pad_std, seed, layer))   # (..., R, d_in)
     return _cast(Update(A_new, B_new, None), dtype)
 
 

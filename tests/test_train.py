@@ -93,6 +93,9 @@ def test_domainnet_tree_end_to_end(tmp_path):
     (["--ranks", "4,x"], "--ranks must be comma-separated integers such as 4,8,16, got '4,x'"),
     (["--ranks", "4,0"], "--ranks must all be >= 1"),
     (["--method", "florist", "--florist-tau", "0"], "florist tau must be in (0, 1], got 0.0 (set by --florist-tau)"),
+    (["--method", "spectral", "--spectral-k", "0"], "spectral needs strategy 'i', 'w' or '0' and k None or an integer "
+                                                    ">= 1, got strategy 'i', k 0 (set by --spectral-strategy"),
+    (["--method", "frlora", "--ranks", "2,4"], "--method frlora with --ranks: its adapter starts as W0's top-r"),
     (["--fair-solver", "sgd", "--fair-lr", "-1"], "lorafair lr must be a finite number > 0, got -1.0 (set by"),
     (["--fair-solver", "sgd", "--fair-lr", "1", "--fair-lam", "2"], "lr * lam = 2 >= 1"),
     (["--fair-lr", "0.1"], "--fair-lr does not apply to --fair-solver fixed-point"),
