@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+import dp
 import exchange
 from aggregators import weighted_mean
 from states import aggregate_states, keep_unheld
@@ -68,6 +69,7 @@ class FedConfig:
                                         # LoRA (global adapter folded into W0 first) | their own last one
     local_head: bool = False            # fedsa: each client also keeps its own classifier head
     agg_options: dict = field(default_factory=dict)   # the method's options, e.g. lorafair's steps, lr, lam
+    dp: Optional[dp.DPConfig] = None    # DP-SGD on the clients: (epsilon, delta, clip); None: no DP
     progress: bool = True
 
 
@@ -78,6 +80,7 @@ class Client:
     state: dict[str, Tensor] = field(default_factory=dict)   # adapters the client keeps (FedSA's B)
     rank: Optional[int] = None   # its LoRA rank r_k (None: the model's rank R); it trains the leading r_k
     scale: Optional[float] = None    # rows of A / columns of B, at its scaling s_k = alpha_k / r_k (None: the model's)
+    noise: Optional[float] = None    # its DP-SGD noise multiplier sigma_k (None: no DP; dp.Privacy sets it)
 
     @property
     def n(self) -> int:
@@ -88,8 +91,13 @@ class Federation:
     """The server and its clients around one model (backbone frozen, LoRA injected, head new)."""
 
     def __init__(self, model: nn.Module, domains: list[DomainData], clients: list[Client], cfg: FedConfig,
-                 device: torch.device, rank: int = 0, world: int = 1):
+                 device: torch.device, rank: int = 0, world: int = 1, privacy: Optional[dp.Privacy] = None):
         self.model, self.domains, self.clients, self.cfg, self.device = model, domains, clients, cfg, device
+        self.privacy = privacy                           # DP-SGD's ledger (dp.py); None: no DP
+        if (cfg.dp is None) != (privacy is None) or (privacy and privacy.cfg != cfg.dp):
+            raise ValueError("FedConfig.dp needs its ledger: Federation(..., privacy=plan_privacy(clients, "
+                             "cfg, rounds))")
+        self.set_noise()
         self.rank, self.world = rank, world              # torch.distributed: this process trains chosen[rank::world]
         self.round = 0                                   # rounds completed
         self.unreadable_images = Unreadable(domains)
@@ -139,9 +147,7 @@ class Federation:
 
     def sample(self, t: int) -> list[int]:
         """The clients of round t: a fraction `participation` of them, drawn by the seed and the round."""
-        g = torch.Generator().manual_seed(_seed(self.cfg.seed, t, 1))
-        m = max(1, round(self.cfg.participation * len(self.clients)))
-        return sorted(torch.randperm(len(self.clients), generator=g)[:m].tolist())
+        return sample_clients(len(self.clients), self.cfg.participation, self.cfg.seed, t)
 
     def train_client(self, k: int, glob: dict[str, Tensor], phase: Optional[str]) -> tuple[dict[str, Tensor], float]:
         """Client k's part of round self.round: start from `glob` (its own adapter where its method
@@ -158,6 +164,8 @@ class Federation:
         method's aggregation, the new global model, and the round's record."""
         self.local.set_scaling(self.scale)
         kept, uploads, losses, dropped = self.receive(chosen, phase, results)   # finite uploads, weight units
+        for k, _, _ in results if self.privacy else ():                        # DP: every client that trained spent
+            self.privacy.spend(k)
         tic = time.perf_counter()
         ranks = [self.clients[k].rank or self.R for k in kept]
         w = torch.tensor([self.clients[k].n for k in kept], dtype=torch.float64)
@@ -165,8 +173,11 @@ class Federation:
         self.apply(new, agg.delta_w)                                           # new adapter, folds into W0
         t_agg = time.perf_counter() - tic
         self.round += 1
-        return round_record(self.round, kept, dropped, losses, agg,
-                            self.wire_bytes(uploads[0], ranks, phase, agg.delta_w), t_train, t_agg)
+        rec = round_record(self.round, kept, dropped, losses, agg,
+                           self.wire_bytes(uploads[0], ranks, phase, agg.delta_w), t_train, t_agg)
+        if self.privacy:                                 # each client's epsilon spent so far (delta fixed)
+            rec["dp"] = {"epsilon": self.privacy.report(), "delta": self.privacy.cfg.delta}
+        return rec
 
     # ------------------------------------------------------------------ server side
 
@@ -306,6 +317,7 @@ class Federation:
         for i, c in enumerate(self.clients):
             out.update({f"client{i}/{k}": v for k, v in c.state.items()})
         out.update({f"init/{k}": v for k, v in self.init.items()})
+        out.update(self.privacy.tensors() if self.privacy else {})
         out.update(self.unreadable_images.tensors())
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
@@ -322,7 +334,15 @@ class Federation:
         if self.init:
             self.init = {k: tensors[f"init/{k}"].to(self.device) for k in self.init}
         self.unreadable_images.load(tensors)
+        if self.privacy:
+            self.privacy = dp.Privacy.from_tensors(self.privacy.cfg, tensors)
+            self.set_noise()
         self.round = rounds_done
+
+    def set_noise(self) -> None:
+        """Each client's DP-SGD noise multiplier from the ledger (None without DP)."""
+        for k, c in enumerate(self.clients):
+            c.noise = self.privacy.sigma[k] if self.privacy else None
 
 
 # ---------------------------------------------------------------------------- the clients' half of a round
@@ -388,14 +408,19 @@ class LocalTraining:
     def train(self, client: Client, seed: int) -> float:
         """Local SGD on the client's data (`local_sgd`, seeded by `seed`); returns the mean loss."""
         torch.manual_seed(seed)                                          # dropout
-        g = torch.Generator().manual_seed(seed)                          # shuffling
-        loader = DataLoader(Subset(_Indexed(self.train_set(client)), client.indices), batch_size=self.cfg.batch_size,
-                            shuffle=True, generator=g, num_workers=self.cfg.workers,
-                            pin_memory=self.device.type == "cuda",
-                            persistent_workers=self.cfg.workers > 0)   # one worker pool for all epochs
+        g = torch.Generator().manual_seed(seed)                          # shuffling (DP: Poisson sampling)
+        data = Subset(_Indexed(self.train_set(client)), client.indices)
+        kw = dict(generator=g, num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda",
+                  persistent_workers=self.cfg.workers > 0)             # one worker pool for all epochs
+        if client.noise is None:
+            loader, noise = DataLoader(data, batch_size=self.cfg.batch_size, shuffle=True, **kw), None
+        else:                                                            # DP-SGD: sigma_k and its own draws
+            loader = dp.poisson_loader(data, dp.sample_rate(client.n, self.cfg.batch_size), **kw)
+            noise = (client.noise, torch.Generator(self.device).manual_seed(_seed(seed, 5)))
         masks = rank_masks(self.model, self.a_keys, self.b_keys, client.rank, self.R)
         name = self.domains[client.domain].name if client.domain >= 0 else "all"
-        loss, unreadable = local_sgd(self.model, loader, masks, self.cfg, self.device, f"  client (domain {name})")
+        loss, unreadable = local_sgd(self.model, loader, masks, self.cfg, self.device, f"  client (domain {name})",
+                                     noise)
         self.unreadable.note(client.domain, unreadable)
         return loss
 
@@ -434,17 +459,20 @@ def rank_masks(model: nn.Module, a_keys: list[str], b_keys: list[str], r: Option
 
 
 def local_sgd(model: nn.Module, loader: DataLoader, masks: list, cfg: FedConfig, device: torch.device,
-              desc: str = "client") -> tuple[float, list[int]]:
+              desc: str = "client", noise: Optional[tuple[float, torch.Generator]] = None) -> tuple[float, list[int]]:
     """The client's local update: SGD with momentum, weight decay and gradient clipping on the
     trainable tensors, for `local_epochs` epochs capped at `local_steps` steps (or exactly
     `local_steps` when `local_epochs` <= 0). Samples with y = -1 (unreadable) count in neither
     loss nor gradient. No host syncs inside the loop. Returns the mean loss and the indices of
-    unreadable samples met."""
+    unreadable samples met.
+    With `noise` = (sigma, generator), DP-SGD (dp.py) instead of the batch's clip: each record's
+    gradient clipped to cfg.dp.clip, the sum noised and divided by the batch size, then the step."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    total = cfg.local_epochs * len(loader)
-    if cfg.local_steps:
-        total = cfg.local_steps if cfg.local_epochs <= 0 else min(total, cfg.local_steps)
+    hooks = dp_opt = None
+    if noise is not None:                                            # Opacus: per-record gradients, DP-SGD
+        hooks, dp_opt = dp.private(model, opt, noise[0], cfg.dp.clip, cfg.batch_size, noise[1])
+    total = step_count(len(loader), cfg)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
     loss_sum = torch.zeros((), device=device)
     unreadable = []                                                  # sample indices with y = -1
@@ -458,12 +486,19 @@ def local_sgd(model: nn.Module, loader: DataLoader, masks: list, cfg: FedConfig,
             with amp:
                 logits = model(x)
             valid = (y >= 0).sum()
-            loss = F.cross_entropy(logits.float(), y, ignore_index=-1, reduction="sum") / valid.clamp_min(1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
+            summed = F.cross_entropy(logits.float(), y, ignore_index=-1, reduction="sum")
+            loss = summed / valid.clamp_min(1)
+            if dp_opt is None:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            else:                                                    # DP: each record's gradient of its
+                dp_opt.zero_grad(set_to_none=True)                   # own loss, clipped, summed, noised, / L
+                summed.backward()
+                dp_opt.pre_step()
             for p, keep in masks:                                    # rank r_k: padding stays zero
                 p.grad.mul_(keep)
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            if dp_opt is None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
             loss_sum += loss.detach()
             step += 1
@@ -471,7 +506,42 @@ def local_sgd(model: nn.Module, loader: DataLoader, masks: list, cfg: FedConfig,
             if step >= total:
                 break
     bar.close()
+    if hooks is not None:
+        hooks._close()                                               # Opacus's hooks off the model again
     return (loss_sum / max(step, 1)).item(), torch.cat(unreadable).tolist() if unreadable else []
+
+
+def step_count(batches: int, cfg: FedConfig) -> int:
+    """Local steps a round: `local_epochs` epochs of `batches`, capped at `local_steps` (exactly
+    `local_steps` when `local_epochs` <= 0)."""
+    total = cfg.local_epochs * batches
+    if cfg.local_steps:
+        total = cfg.local_steps if cfg.local_epochs <= 0 else min(total, cfg.local_steps)
+    return total
+
+
+def sample_clients(n_clients: int, participation: float, seed: int, t: int) -> list[int]:
+    """The clients of round t: a fraction `participation` of them, drawn by the seed and the round."""
+    g = torch.Generator().manual_seed(_seed(seed, t, 1))
+    m = max(1, round(participation * n_clients))
+    return sorted(torch.randperm(n_clients, generator=g)[:m].tolist())
+
+
+def plan_privacy(clients: list[Client], cfg: FedConfig, rounds: int) -> dp.Privacy:
+    """DP-SGD's noise for each client (cfg.dp), calibrated for the rounds 1..`rounds` it is
+    sampled for, S_k local steps each (Poisson batches at q_k = L / n_k)."""
+    rate = [dp.sample_rate(c.n, cfg.batch_size, k) for k, c in enumerate(clients)]
+    per_round = [step_count(dp.poisson_batches(q), cfg) for q in rate]
+    return dp.Privacy.calibrate(cfg.dp, rate, per_round, rounds_taken(len(clients), cfg, rounds))
+
+
+def rounds_taken(n_clients: int, cfg: FedConfig, rounds: int) -> list[int]:
+    """How many of rounds 1..`rounds` each client is sampled for."""
+    taken = [0] * n_clients
+    for t in range(rounds):
+        for k in sample_clients(n_clients, cfg.participation, cfg.seed, t):
+            taken[k] += 1
+    return taken
 
 
 # ---------------------------------------------------------------------------- the round's record

@@ -34,7 +34,8 @@ from backbone import SHAPES_MODELS, ModelError, build_model, check_weights
 from data import (DATASETS, SHAPES_DOMAINS, DataError, image_domains, list_images, load_shapes, make_transform,
                   partition, shapes_task_classes, write_splits)
 from exchange import PeerFailed, agree
-from fed import Client, Diverged, FedConfig, Federation
+from dp import ACCOUNTANT, DPConfig, Privacy
+from fed import Client, Diverged, FedConfig, Federation, plan_privacy, rounds_taken
 from lora import merged_state, peft_adapter
 
 DATASET_DEFAULTS = {
@@ -167,6 +168,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="spectral: ScreeNOT's noise estimate (imputation, winsorization, transport to zero)")
     p.add_argument("--spectral-k", type=int, default=None,
                    help="spectral: ScreeNOT's upper bound on the signal rank (default: a quarter of the stacked rank)")
+    p.add_argument("--dp-epsilon", type=float, default=None,
+                   help="DP-SGD on every client: its records (epsilon, delta)-DP over the whole run (dp.py)")
+    p.add_argument("--dp-delta", type=float, default=1e-5, help="DP's delta (with --dp-epsilon)")
+    p.add_argument("--dp-clip", type=float, default=2.0, help="DP-SGD's bound C on one record's gradient norm")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast, on the CPU too (default: on where the GPU has native bf16, compute capability "
@@ -219,6 +224,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--rounds, --batch-size and --eval-every must be > 0")
     if args.local_epochs <= 0 and not args.local_steps:
         raise UserError("--local-epochs must be > 0 unless --local-steps is given")
+    check_dp(args)
     check_unused_fair_options(args)
     check_method_options(args)
     check_combination(args)
@@ -312,6 +318,39 @@ def check_combination(args) -> None:
         shapes_task_classes(args.num_classes)      # 2..100 classes, none of them the backbone's pretraining ones
 
 
+def check_dp(args) -> None:
+    """--dp-epsilon's values; --dp-delta and --dp-clip mean nothing without it."""
+    defaults = get_args_parser().parse_args([])
+    if args.dp_epsilon is None:
+        for dest in ("dp_delta", "dp_clip"):
+            if getattr(args, dest) != getattr(defaults, dest):
+                raise UserError(f"--{dest.replace('_', '-')} applies with --dp-epsilon (DP-SGD on the clients)")
+        return
+    if not args.dp_epsilon > 0 or not 0 < args.dp_delta < 1 or not args.dp_clip > 0:
+        raise UserError(f"--dp-epsilon must be > 0, --dp-delta in (0, 1) and --dp-clip > 0; got {args.dp_epsilon:g}, "
+                        f"{args.dp_delta:g} and {args.dp_clip:g}")
+
+
+def privacy_plan(args, clients) -> Privacy | None:
+    """--dp-epsilon: each client's noise, calibrated for this run's rounds; resumed from a
+    checkpoint, the checkpoint's ledger, refused (before anything is written) if the rounds asked
+    for would spend past the budget."""
+    if args.dp_epsilon is None:
+        return None
+    cfg = fed_config(args)
+    ckpt = os.path.join(args.out, "checkpoint.safetensors")
+    try:
+        if not (args.resume and os.path.isfile(ckpt)):
+            return plan_privacy(clients, cfg, args.rounds)
+        from safetensors import safe_open
+        with safe_open(ckpt, "pt") as f:
+            privacy = Privacy.from_tensors(cfg.dp, {k: f.get_tensor(k) for k in f.keys() if k.startswith("dp/")})
+        privacy.check_budget(rounds_taken(len(clients), cfg, args.rounds))
+        return privacy
+    except ValueError as e:
+        raise UserError(f"--dp-epsilon {args.dp_epsilon:g}: {e}") from None
+
+
 def check_unused_fair_options(args) -> None:
     """LoRA-FAIR's flags that the chosen objective or solver would ignore are refused: the closed
     form (--fair-objective lsq) has no solver, and the fixed-point solver solves Eq. 8 as written."""
@@ -356,7 +395,8 @@ def fed_config(args) -> FedConfig:
     return FedConfig(method=args.method, lr=args.lr, batch_size=args.batch_size, local_epochs=args.local_epochs,
                      local_steps=args.local_steps, participation=args.participation, seed=args.seed, amp=args.amp,
                      workers=args.workers, progress=args.progress, client_init=args.client_init,
-                     local_head=args.local_head, agg_options=method_options(args))
+                     local_head=args.local_head, agg_options=method_options(args),
+                     dp=DPConfig(args.dp_epsilon, args.dp_delta, args.dp_clip) if args.dp_epsilon else None)
 
 
 def build_data(args, listing):
@@ -542,10 +582,10 @@ def run(args, rank: int = 0, world: int = 1, argv: list[str] = ()) -> int:
     """A run, step by step (rank 0 alone prints and writes files)."""
     lead = rank == 0
     args.progress = (sys.stderr.isatty() if args.progress is None else args.progress) and lead
-    listing, domains, clients, model, resume = prepare(args, rank, world)   # 1. every check, then the model
+    listing, domains, clients, model, resume, privacy = prepare(args, rank, world)   # 1. every check, the model
     created = open_out(args, rank, world, listing)                          # 2. --out: config.json (nothing before)
     try:
-        fed = Federation(model, domains, clients, fed_config(args), torch.device(args.device), rank, world)
+        fed = Federation(model, domains, clients, fed_config(args), torch.device(args.device), rank, world, privacy)
         done = restore(args, fed, resume, listing)                          # 3. --resume: the checkpoint's rounds
         acc = train_rounds(args, fed, done)                                 # 4. the rounds: metrics, checkpoints
         conclude(args, fed, acc)                                            # 5. last evaluation, report, exports
@@ -560,11 +600,12 @@ def run(args, rank: int = 0, world: int = 1, argv: list[str] = ()) -> int:
 
 
 def prepare(args, rank: int, world: int):
-    """Every check (cheap, nothing written: --out, the data's listing, the weights), then the data
-    and the model on its device. Returns (listing, domains, clients, model, whether --out holds a
-    checkpoint to resume); on torchrun every rank agrees with rank 0 or stops with it."""
+    """Every check (cheap, nothing written: --out, the data's listing, DP's budget, the weights),
+    then the data and the model on its device. Returns (listing, domains, clients, model, whether
+    --out holds a checkpoint to resume, DP's ledger or None); on torchrun every rank agrees with
+    rank 0 or stops with it."""
     lead = rank == 0
-    listing = error = resume = domains = clients = model = model_cfg = None
+    listing = error = resume = domains = clients = model = model_cfg = privacy = None
     try:
         resume = check_out(args) if lead else None
         if args.dataset != "shapes":
@@ -575,6 +616,7 @@ def prepare(args, rank: int, world: int):
             listing = list_images(args.dataset, args.data_root, args.domains.split(",") if args.domains else None,
                                   args.num_classes, splits, args.split_seed)
         domains, clients = build_data(args, listing)
+        privacy = privacy_plan(args, clients) if lead else None   # DP-SGD's noise (resumed: within budget?)
         weights = check_weights(args)
         if lead and listing is not None:
             print(listing.summary(), file=sys.stderr)
@@ -583,10 +625,13 @@ def prepare(args, rank: int, world: int):
     except (UserError, DataError, ModelError) as e:
         error = e
     resume, args.rounds = agree(world, rank, error, (bool(resume), args.rounds or 0), args.device)
+    if args.dp_epsilon and world > 1:                        # rank 0's ledger on every process
+        zeros = Privacy(fed_config(args).dp, *[[0] * len(clients)] * 4)
+        privacy = Privacy.from_tensors(zeros.cfg, exchange.from_lead((privacy or zeros).tensors(), world))
     for d in domains if listing is not None else ():
         d.train.transform = d.test.transform = make_transform(model_cfg, args.norm)
     model.to(torch.device(args.device))
-    return listing, domains, clients, model, resume
+    return listing, domains, clients, model, resume, privacy
 
 
 def open_out(args, rank: int, world: int, listing) -> list[str]:
@@ -761,8 +806,19 @@ def finish(args, fed: Federation, acc: dict) -> None:
     print(f"\n{'domain':<12s} top-1 (%)")
     for name, a in acc.items():
         print(f"{name:<12s} {100 * a:6.2f}")
+    if fed.privacy:
+        print(privacy_summary(fed.privacy))
     print(f"outputs in {args.out}/: config.json, metrics.jsonl, final.safetensors, merged.safetensors (the model, "
           "adapters merged), adapter/ (PEFT); how to load them: README, 'What a run leaves'", file=sys.stderr)
+
+
+def privacy_summary(privacy: Privacy) -> str:
+    """What a DP run spent, as the DP literature reports it."""
+    p, span = privacy, lambda xs, f: f"{min(xs):{f}}" + ("" if min(xs) == max(xs) else f"..{max(xs):{f}}")  # noqa: E731
+    eps = [p.epsilon(k) for k in range(len(p.sigma))]
+    return (f"privacy: each client's records (epsilon, delta)-DP, record-level DP-SGD, {ACCOUNTANT.upper()} accountant: "
+            f"epsilon spent {span(eps, '.3f')} of {p.cfg.epsilon:g}, delta {p.cfg.delta:g}, noise multiplier "
+            f"{span(p.sigma, '.4f')}, clip {p.cfg.clip:g}, sample rate {span(p.rate, '.4f')}, steps {span(p.steps, 'd')}")
 
 
 if __name__ == "__main__":
