@@ -247,7 +247,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UserError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    args.amp = bf16_native(args.device) if args.amp is None else args.amp
+    args.amp = bf16_native(args.device) and args.dp_epsilon is None if args.amp is None else args.amp
     if args.workers is None:   # decoding files in parallel pays; in-memory tensors (shapes) need no workers
         args.workers = 8 if args.device.startswith("cuda") and args.dataset != "shapes" else 0
     return args
@@ -326,6 +326,9 @@ def check_dp(args) -> None:
             if getattr(args, dest) != getattr(defaults, dest):
                 raise UserError(f"--{dest.replace('_', '-')} applies with --dp-epsilon (DP-SGD on the clients)")
         return
+    if args.amp:
+        raise UserError("--amp with --dp-epsilon: per-record gradients in bf16 have norms that can pass the clip by "
+                        "bf16's rounding, which the privacy bound does not allow; drop --amp (DP runs in float32)")
     if not args.dp_epsilon > 0 or not 0 < args.dp_delta < 1 or not args.dp_clip > 0:
         raise UserError(f"--dp-epsilon must be > 0, --dp-delta in (0, 1) and --dp-clip > 0; got {args.dp_epsilon:g}, "
                         f"{args.dp_delta:g} and {args.dp_clip:g}")

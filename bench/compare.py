@@ -9,6 +9,7 @@
     python bench/compare.py --setting partial            # 60 clients, 10 per style, 20% take part a round
     python bench/compare.py --ablations                  # LoRA-FAIR's ablations (feature, ViT)
     python bench/compare.py --ranks 4,8,16               # heterogeneous client ranks (feature, ViT)
+    python bench/compare.py --setting paper --dp-epsilon 6,1   # DP-SGD clients (DP_METHODS), one cell per epsilon
     python bench/compare.py --dataset domainnet --data-root /data/domainnet --rounds 30 --local-epochs 1
 
 Every variant runs train.py with the same settings, once per seed, `--jobs` at a time (separate
@@ -107,6 +108,7 @@ PAPER = {   # the paper's methods per table; the ViT feature setting runs every 
     ("label", "vit"): ["fedit", "flora", "flexlora", "lorafair"],
     ("partial", "vit"): ["fedit", "flora", "flexlora", "lorafair"],
 }
+DP_METHODS = ["fedit", "ffa", "lorafair"]   # under DP-SGD (--dp-epsilon), beside FedIT without it
 ALL = [("feature", "vit"), ("feature", "mixer"), ("label", "vit"), ("partial", "vit")]
 ABLATIONS = {   # each against LoRA-FAIR's defaults (first two rows: the runs of the method comparison); the
                 # variants Eq. 8's fixed-point solver does not cover run with the published SGD
@@ -166,6 +168,9 @@ def get_args_parser():
     p.add_argument("--ablations", action="store_true", help="run LoRA-FAIR's ablations instead of the methods")
     p.add_argument("--closed-form", action="store_true", help="add LoRA-FAIR's closed form (LSQ) at lam 0 and 0.01")
     p.add_argument("--ranks", default=None, help="heterogeneous client ranks for every variant, e.g. 4,8,16")
+    p.add_argument("--dp-epsilon", default=None,
+                   help="comma-separated budgets: a cell each of DP_METHODS with DP-SGD clients (delta 1e-5, clip 2) "
+                        "and FedIT without DP (the cell's own runs, shared)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     p.add_argument("--replot", action="store_true", help="only redraw every cell's plots from its curves.csv")
     p.add_argument("--out", default=os.path.join("bench", "results"),
@@ -283,14 +288,19 @@ def paired(xs: list[float], base: list[float]) -> str:
     return f"{m:+.2f} [{m - h:+.2f}, {m + h:+.2f}]" + (" *" if m - h > 0 or m + h < 0 else "")
 
 
-def cell(args, extra: list[str], setting: str, backbone: str):
-    """One (setting, backbone): the train.py jobs (name, argv, out) of every variant and seed, and a
-    function that writes the table and plots once they have run."""
+def cell(args, extra: list[str], setting: str, backbone: str, eps: str | None = None):
+    """One (setting, backbone[, DP budget eps]): the train.py jobs (name, argv, out) of every
+    variant and seed, and a function that writes the table and plots once they have run."""
     seeds = [int(s) for s in args.seeds.split(",")]
     shapes = args.dataset == "shapes"
     only = args.only.split(",") if args.only else []
     if args.ablations:
         variants = dict(ABLATIONS)
+    elif eps:
+        if "--clients-per-domain" in SETTINGS[setting] or not shapes:
+            raise SystemExit("--dp-epsilon: the DP cells are the embedded data's settings of one client per style")
+        variants = {m: ["--method", m, "--dp-epsilon", eps] for m in DP_METHODS}
+        variants["fedit non-private"] = ["--method", "fedit"]
     else:
         methods = PAPER.get((setting, backbone), list(AGGREGATORS)) if shapes else list(AGGREGATORS)[:8]
         if args.ranks:
@@ -310,7 +320,7 @@ def cell(args, extra: list[str], setting: str, backbone: str):
         variants = {k: v for k, v in variants.items() if k in only}
     tag = f"{args.dataset}-{setting}-{backbone}" if shapes else args.dataset
     out = os.path.join(args.out, tag + ("-ablations" if args.ablations else "")
-                       + (f"-ranks-{args.ranks.replace(',', '-')}" if args.ranks else ""))
+                       + (f"-ranks-{args.ranks.replace(',', '-')}" if args.ranks else "") + (f"-dp-eps{eps}" if eps else ""))
     base = ["--dataset", args.dataset] + (["--data-root", args.data_root] if args.data_root else [])
     if shapes:
         regime = PAPER_REGIME if setting == "paper" else ["--lr", LR[backbone]]
@@ -328,6 +338,8 @@ def cell(args, extra: list[str], setting: str, backbone: str):
     if shapes and not extra:            # runs that other cells (or the comparison) make the same way: shared
         if "centralised" in variants and setting in STRESS:   # depends on the backbone and the steps a round only
             folder["centralised"] = os.path.join(args.out, f"shapes-centralised-{backbone}-{steps}steps")
+        if eps:                         # FedIT without DP: the cell's own runs
+            folder["fedit non-private"] = os.path.join(args.out, f"shapes-{setting}-{backbone}", "fedit")
         if args.ablations:              # FedIT and LoRA-FAIR as they are: the runs of the method comparison
             for name in ("fedit", "lorafair", "lorafair sgd"):
                 folder[name] = os.path.join(args.out, f"shapes-{setting}-{backbone}", name.replace(" ", "_"))
@@ -341,13 +353,14 @@ def cell(args, extra: list[str], setting: str, backbone: str):
             print(f"{out}/table.md holds more seeds or variants than this run; writing table{suffix}.md, "
                   f"curves{suffix}.csv and plots beside it (the full table: the same command without "
                   "--only / with every seed)", file=sys.stderr)
-        write_table(results, seeds, out, args, setting, backbone, base, fed, variants.get("centralised"), suffix)
+        write_table(results, seeds, out, args, setting, backbone, base, fed, variants.get("centralised"), suffix, eps)
         write_curves(results, seeds, out, suffix)
         plot(series(results), out, tag, suffix)
     return jobs, report
 
 
-def write_table(results, seeds, out, args, setting, backbone, base, fed, centralised=None, suffix="") -> None:
+def write_table(results, seeds, out, args, setting, backbone, base, fed, centralised=None, suffix="",
+                eps=None) -> None:
     first = results[next(iter(results))][0][-1]["acc"]
     domains = [k for k in first if k != "mean"]
     ref = results.get("fedit") or results.get("lorafair")
@@ -377,6 +390,8 @@ def write_table(results, seeds, out, args, setting, backbone, base, fed, central
         mb = f"{statistics.mean(wire):.3f}" if wire else "n/a"
         lines.append(f"| {LABELS.get(name, name)} | " + " | ".join(cells) + f" | **{fmt(mean)}** | {delta} | "
                      f"{delta_fair} | {avg('cos'):.4f} | {bias} | {mb} |")
+    if eps:
+        lines += ["", privacy_note(results, base + fed, eps)]
     lines += ["", "Command: `python bench/compare.py " + " ".join(sys.argv[1:]) + "`",
               "Settings: `" + " ".join(base + fed) + "`"
               + (f" (centralised: `{' '.join(centralised)}`)" if centralised else "")]
@@ -392,6 +407,21 @@ def write_table(results, seeds, out, args, setting, backbone, base, fed, central
     with open(os.path.join(out, f"table{suffix}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def privacy_note(results, argv: list[str], eps: str) -> str:
+    """What the DP rows spent, as the DP literature reports it (from their metrics and dp.py)."""
+    import dp
+    a = train.get_args_parser().parse_args([*argv, "--dp-epsilon", eps])
+    n = a.n_train                         # one client per style holds its style's training images
+    spent = [max(r[-1]["dp"]["epsilon"].values()) for name, runs in results.items() for r in runs if "dp" in r[-1]]
+    q = a.batch_size / n
+    steps = a.rounds * min(int(1 / q) * a.local_epochs, a.local_steps or 10**9)
+    sigma = dp.noise_multiplier(float(eps), a.dp_delta, q, steps)
+    return (f"Privacy (rows {', '.join(DP_METHODS)}): each client's records ({eps}, {a.dp_delta:g})-DP over the run, "
+            f"record-level DP-SGD through Opacus, {dp.ACCOUNTANT.upper()} accountant; noise multiplier {sigma:.4f}, "
+            f"clip {a.dp_clip:g}, sample rate {q:.4f} (Poisson, batch {a.batch_size} of {n}), {steps} steps a client; "
+            f"epsilon spent {min(spent):.3f}..{max(spent):.3f}. fedit non-private: the same runs without DP.")
 
 
 def write_curves(results, seeds, out, suffix="") -> None:
@@ -539,8 +569,9 @@ def main(argv=None):
     if args.replot:
         print("\n".join(f"redrew the plots of {path}" for path in replot(args.out)))
         return
-    cells = [cell(args, extra, setting, backbone) for setting, backbone in
-             (ALL if args.all else [(args.setting, args.backbone)])]
+    cells = [cell(args, extra, setting, backbone, eps) for setting, backbone in
+             (ALL if args.all else [(args.setting, args.backbone)])
+             for eps in (args.dp_epsilon.split(",") if args.dp_epsilon else [None])]
     try:
         run_all([job for jobs, _ in cells for job in jobs], args.jobs)   # one pool: no cell waits for another's tail
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
     dist_worker.py OUT all-methods   run 2 rounds of every method, one --out per method
     dist_worker.py OUT resume        lorafair: 1 round, then --resume to 2 rounds
     dist_worker.py OUT die           rank 1 dies during round 2 (no agent to kill rank 0 for it)
+    dist_worker.py OUT dp            DP-SGD clients (tests/test_dp.py's DP_RUNS): 2 rounds each, one --out each
     dist_worker.py OUT images ROOT   fedit on the DomainNet tree ROOT (some images unreadable), 2 rounds
     dist_worker.py OUT slow-eval     fedit, every evaluated domain takes 4 s, --dist-timeout 6
     dist_worker.py OUT drift         fedex, flora, fedit --client-init fresh: rank 1 computes its folds
@@ -30,6 +31,12 @@ if mode == "resume":
     dist.init_process_group("gloo")
     args = [*TINY, "--method", "lorafair", "--out", out]
     codes = [main([*args, "--rounds", "1"]), main([*args, "--rounds", "2", "--resume"])]
+    dist.destroy_process_group()
+    sys.exit(max(codes))
+if mode == "dp":
+    from tests.test_dp import DP_RUNS
+    dist.init_process_group("gloo")
+    codes = [main([*TINY, *argv, "--rounds", "2", "--out", os.path.join(out, name)]) for name, argv in DP_RUNS.items()]
     dist.destroy_process_group()
     sys.exit(max(codes))
 if mode == "images":

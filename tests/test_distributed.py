@@ -58,6 +58,23 @@ def test_distributed_resume_equals_unbroken_single_process_run(tmp_path):
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_dp_clients_give_the_one_process_result_and_ledger(tmp_path):
+    from tests.test_dp import DP_RUNS
+    res = torchrun(tmp_path, str(tmp_path / "two"), "dp")
+    assert res.returncode == 0, res.stderr[-3000:]
+    torch.set_num_threads(1)
+    for name, argv in DP_RUNS.items():
+        assert main([*TINY, *argv, "--rounds", "2", "--out", str(tmp_path / "one" / name)]) == 0
+        one = load_file(tmp_path / "one" / name / "checkpoint.safetensors")
+        two = load_file(tmp_path / "two" / name / "checkpoint.safetensors")
+        assert one.keys() == two.keys() and "dp/steps" in one
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+        dp_one, dp_two = ([json.loads(x)["dp"] for x in open(tmp_path / n / name / "metrics.jsonl")]
+                          for n in ("one", "two"))
+        assert dp_one == dp_two and len(dp_one) == 2
+
+
 def test_unreadable_images_are_counted_across_processes(tmp_path):
     root = broken_domainnet(str(tmp_path / "dn"))
     res = torchrun(tmp_path, str(tmp_path / "two"), "images", root)

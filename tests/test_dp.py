@@ -22,6 +22,8 @@ from train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DP = ["--dp-epsilon", "6"]
+DP_RUNS = {"fedit-ranks": [*DP, "--method", "fedit", "--ranks", "2,1"], "ffa": [*DP, "--method", "ffa"],
+           "rolora": [*DP, "--method", "rolora"]}   # torchrun: tests/test_distributed.py
 
 
 def lora_model(backbone, targets, frozen_a=False):
@@ -215,11 +217,19 @@ def test_a_resume_past_the_budget_is_refused_and_writes_nothing(tmp_path, capsys
     (["--dp-clip", "1"], "--dp-clip applies with --dp-epsilon"),
     (["--dp-epsilon", "0"], "--dp-epsilon must be > 0"),
     (["--dp-epsilon", "6", "--dp-delta", "1"], "--dp-delta in (0, 1)"),
-    (["--dp-epsilon", "6", "--batch-size", "24"], "client 0 has 24 records, not more than the batch size 24")])
+    (["--dp-epsilon", "6", "--batch-size", "24"], "client 0 has 24 records, not more than the batch size 24"),
+    (["--dp-epsilon", "6", "--amp"], "--amp with --dp-epsilon: per-record gradients in bf16")])
 def test_dp_refusals_are_one_line_before_any_work(tmp_path, capsys, args, message):
     assert main([*TINY, *args, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and not (tmp_path / "run").exists()
+
+
+def test_dp_runs_in_float32_where_bf16_is_the_default(monkeypatch):
+    import train
+    monkeypatch.setattr(train, "bf16_native", lambda device: True)
+    parse = lambda *a: train.resolve(train.get_args_parser().parse_args([*TINY, *a]))   # noqa: E731
+    assert parse().amp is True and parse(*DP).amp is False
 
 
 def test_a_run_reports_its_privacy_as_the_literature_does(tmp_path, capsys):
