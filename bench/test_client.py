@@ -7,6 +7,8 @@
 - round overhead: a federated round's wall time against the sum of its clients' pure training
   time (the same optimiser steps on the same batches, already in memory), best of 6 each;
   target <= 5%;
+- DP-SGD: fed.local_sgd's step with per-record gradients, clip and noise (dp.py) against
+  its plain step, same batches (a ratio);
 - memory: peak RSS (VmHWM, reset after the first round so that data generation does not mask
   it) over two rounds with 30 clients against 6 (same data, same model; per-client state is
   adapter-sized); target within 10%.
@@ -22,6 +24,7 @@ import pytest
 import torch
 
 from data import load_shapes, partition
+from dp import DPConfig
 from fed import Client, FedConfig, Federation
 from lora import inject_lora
 from backbone import shapes_vit
@@ -121,6 +124,7 @@ PEAK = """
 import sys, torch
 sys.path.insert(0, {root!r})
 from data import load_shapes, partition
+from dp import DPConfig
 from fed import Client, FedConfig, Federation
 from lora import inject_lora
 from backbone import shapes_vit
@@ -152,3 +156,33 @@ def test_peak_memory_30_vs_6_clients():
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "bench", "results", "memory.json"), "w") as f:
         json.dump({"peak_mib_6": peaks[6], "peak_mib_30": peaks[30], "growth": growth}, f)
+
+
+DP_MODELS = {"vit_shapes/32 (the comparison's)": lambda: inject_lora(shapes_vit(30), ["attn.qkv", "attn.proj"], r=4,
+                                                                     alpha=8),
+             "vit_small/112": lambda: inject_lora(vit("cpu", lora=False), ["attn.proj", "mlp.fc2"], r=16, alpha=32)}
+
+
+@pytest.mark.parametrize("device", [d for d, bf16 in DEVICES if not bf16])
+@pytest.mark.parametrize("model_name", list(DP_MODELS))
+@pytest.mark.parametrize("private", [True, False])
+def test_dp_step_cost(benchmark, record, ratio, device, model_name, private):
+    """fed.local_sgd's step with DP-SGD (per-record gradients, clip, noise: dp.py) against its plain
+    step (batch clip), on the same batches: what privacy costs a client per step."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from fed import local_sgd
+    torch.manual_seed(0)
+    model = DP_MODELS[model_name]().to(device)
+    size = 32 if model_name.startswith("vit_shapes") else 112
+    batch, steps = 16, 4
+    data = TensorDataset(torch.randn(batch * steps, 3, size, size), torch.randint(0, 30, (batch * steps,)),
+                         torch.arange(batch * steps))
+    loader = DataLoader(data, batch_size=batch)
+    cfg = FedConfig(lr=0.01, batch_size=batch, local_steps=steps, progress=False, dp=DPConfig(6.0))
+    noise = (0.84, torch.Generator(device).manual_seed(0)) if private else None
+    run = lambda: local_sgd(model, loader, [], cfg, torch.device(device), noise=noise)   # noqa: E731
+    benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=1)
+    name = f"{model_name} {device} batch {batch}, {'DP-SGD' if private else 'plain'} step"
+    record(name, benchmark, per=steps)
+    if not private:
+        ratio(f"DP-SGD step / plain step ({model_name} {device})", name.replace("plain", "DP-SGD"), name)
