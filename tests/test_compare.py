@@ -147,6 +147,24 @@ def test_the_paper_regime_cell_runs_the_papers_lr_and_methods_with_its_own_centr
     assert all(train.get_args_parser().parse_args(argv).lr == 0.06 for _, argv, _ in stress if "--centralised" not in argv)
 
 
+def test_the_dp_cells_run_fedit_ffa_lorafair_private_beside_the_cells_own_non_private_fedit():
+    import train
+    cells = [compare.cell(compare.get_args_parser().parse_args(["--setting", "paper", "--seeds", "0,1"]), [], "paper",
+                          "vit", eps)[0] for eps in ("6", "1")]
+    paper = {out for _, _, out in planned([("paper", ["--seeds", "0,1"], "paper")])["paper"]}
+    for eps, jobs in zip(("6", "1"), cells):
+        assert sorted({name for name, _, _ in jobs}) == ["fedit", "fedit non-private", "ffa", "lorafair"]
+        for name, argv, out in jobs:
+            a = train.get_args_parser().parse_args(argv)
+            if name == "fedit non-private":           # the same runs as the paper cell's fedit: reused, not rerun
+                assert a.dp_epsilon is None and out in paper and "/fedit/" in out
+            else:
+                assert a.dp_epsilon == float(eps) and out.startswith(f"bench/results/shapes-paper-vit-dp-eps{eps}/")
+                assert (a.lr, a.local_steps, a.batch_size, a.n_train) == (0.01, 600, 16, 600)
+    with pytest.raises(SystemExit, match="one client per style"):
+        compare.cell(compare.get_args_parser().parse_args(["--setting", "label"]), [], "label", "vit", "6")
+
+
 def test_table_headers_name_the_regime_and_are_read_back(tmp_path, monkeypatch):
     monkeypatch.setattr(compare, "backbone_note", lambda base: "")
     rec = [{"round": 1, "acc": {"a": 0.5, "mean": 0.5}, "cos": 0.9, "cos_fedit": 0.9, "ceiling": 0.95}]
