@@ -1,7 +1,8 @@
 """Record-level differential privacy on the clients: DP-SGD through Opacus, PRV accounting.
 
-The unit protected is one training record (image) of one client. Client k runs DP-SGD
-(Abadi et al., 2016) in every round it takes part in:
+The unit protected is one training record (image) of one client: neighbouring data sets differ by
+adding or removing one record of one client (the relation Opacus's accountant bounds). Client k
+runs DP-SGD (Abadi et al., 2016) in every round it takes part in:
 
   Poisson sampling: each of its n_k records joins a step's batch with probability q_k = L / n_k
       (L: the batch size), int(1 / q_k) steps an epoch (Opacus's DPDataLoader);
@@ -15,13 +16,19 @@ sigma_k is the smallest noise multiplier for which Opacus's PRV accountant bound
 client k takes over the run, S_k in each of the T_k rounds it is sampled for (the round's sample
 reads no data, so T_k is known in advance), by (epsilon, delta). The server's aggregation reads
 only the clients' updates: post-processing, which spends nothing.
-Not protected: which clients take part, their sizes n_k (the weights p_k), and whole clients
-(record-level, not client-level DP); the server sees each client's noised update.
+Not protected: which clients take part; their sizes n_k, which set q_k, sigma_k, the steps and
+the weights p_k and are treated as public (as in Opacus and the DP-SGD literature); whole clients
+(record-level, not client-level DP); the simulation's own diagnostics (each client's training loss
+and unreadable images in metrics.jsonl). The server sees each client's noised update.
+The noise and the batches are drawn from the run's --seed, so that a run is reproducible: the
+guarantee holds against anyone who does not know that seed. DPConfig.secret draws them from the
+operating system's entropy instead, as a deployment must (a run is then not repeatable).
 
 Opacus is imported inside these functions only, so a run without DP never imports it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from dataclasses import dataclass
@@ -38,6 +45,7 @@ class DPConfig:
     epsilon: float          # each client's records are (epsilon, delta)-DP over the whole run
     delta: float = 1e-5
     clip: float = 2.0       # C, the bound on one record's gradient norm (FedSVD's public DP runs use 2)
+    secret: bool = False    # noise and batches from the OS's entropy, not the run's seed (not repeatable)
 
 
 def sample_rate(n: int, batch_size: int, k: int = 0) -> float:
@@ -108,9 +116,12 @@ class Privacy:
     def epsilon(self, k: int, steps: Optional[int] = None) -> float:
         return epsilon_spent(self.sigma[k], self.rate[k], self.steps[k] if steps is None else steps, self.cfg.delta)
 
-    def report(self) -> dict[str, float]:
-        """{client: epsilon spent so far} for every client that has trained."""
-        return {str(k): self.epsilon(k) for k in range(len(self.sigma)) if self.steps[k]}
+    def report(self) -> dict:
+        """For every client that has trained: epsilon spent so far and what it was spent at."""
+        ks = [k for k in range(len(self.sigma)) if self.steps[k]]
+        return {"epsilon": {str(k): self.epsilon(k) for k in ks}, "delta": self.cfg.delta,
+                "accountant": ACCOUNTANT, "clip": self.cfg.clip, "noise_multiplier": {str(k): self.sigma[k] for k in ks},
+                "sample_rate": {str(k): self.rate[k] for k in ks}, "steps": {str(k): self.steps[k] for k in ks}}
 
     def check_budget(self, taken: list[int]) -> None:
         """Refuse (ValueError, with the numbers) a plan of taken[k] rounds for client k that would
@@ -145,18 +156,21 @@ def poisson_loader(dataset, q: float, generator: torch.Generator, **loader_kw):
     return DPDataLoader(dataset, sample_rate=q, generator=generator, **loader_kw)
 
 
+@contextlib.contextmanager
 def private(model: nn.Module, optimizer: torch.optim.Optimizer, sigma: float, clip: float, batch_size: int,
             generator: torch.Generator):
     """Opacus's per-record gradients on `model`'s trained tensors and its DP-SGD step around
-    `optimizer`. The loss must be the sum over the batch's records; DPOptimizer.pre_step() then
-    sets p.grad = (sum of clipped g_i + N(0, sigma^2 C^2 I)) / L, and optimizer.step() steps.
-    Returns (hooks, dp_optimizer); hooks._close() removes the hooks from the model."""
+    `optimizer`, for a `with` block that gets Opacus's DPOptimizer. The loss must be the sum over
+    the batch's records; its pre_step() then sets p.grad = (sum of clipped g_i + N(0, sigma^2 C^2 I))
+    / L, and optimizer.step() steps. The hooks leave the model when the block ends, however it ends."""
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
     # the hooks fire on module outputs, as they should here (the input images need no gradient)
     warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
     hooks = GradSampleModule(model, loss_reduction="sum")     # g_i of each record of a summed loss
-    dp_opt = DPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=clip,
-                         expected_batch_size=batch_size, loss_reduction="mean",   # "mean": divide by L
-                         generator=generator)
-    return hooks, dp_opt
+    try:
+        yield DPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=clip,
+                          expected_batch_size=batch_size, loss_reduction="mean",   # "mean": divide by L
+                          generator=generator)
+    finally:
+        hooks._close()                                            # hooks and per-record gradients removed

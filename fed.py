@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import secrets
 import time
 import warnings
 from contextlib import nullcontext
@@ -95,8 +96,8 @@ class Federation:
         self.model, self.domains, self.clients, self.cfg, self.device = model, domains, clients, cfg, device
         self.privacy = privacy                           # DP-SGD's ledger (dp.py); None: no DP
         if (cfg.dp is None) != (privacy is None) or (privacy and privacy.cfg != cfg.dp):
-            raise ValueError("FedConfig.dp needs its ledger: Federation(..., privacy=plan_privacy(clients, "
-                             "cfg, rounds))")
+            raise ValueError("FedConfig.dp and the privacy ledger go together, with the same DPConfig: pass "
+                             "Federation(..., privacy=plan_privacy(clients, cfg, rounds)) exactly when cfg.dp is set")
         self.set_noise()
         self.rank, self.world = rank, world              # torch.distributed: this process trains chosen[rank::world]
         self.round = 0                                   # rounds completed
@@ -175,8 +176,8 @@ class Federation:
         self.round += 1
         rec = round_record(self.round, kept, dropped, losses, agg,
                            self.wire_bytes(uploads[0], ranks, phase, agg.delta_w), t_train, t_agg)
-        if self.privacy:                                 # each client's epsilon spent so far (delta fixed)
-            rec["dp"] = {"epsilon": self.privacy.report(), "delta": self.privacy.cfg.delta}
+        if self.privacy:                                 # each client's epsilon spent so far, and at what
+            rec["dp"] = self.privacy.report()
         return rec
 
     # ------------------------------------------------------------------ server side
@@ -190,7 +191,8 @@ class Federation:
         kept, uploads, losses, bad = [], [], [], []
         dropped = [k for k in chosen if k not in {r[0] for r in results}]
         for k, up, loss in sorted(results, key=lambda x: x[0]):
-            if not math.isfinite(loss) or not all(v.isfinite().all() for v in up.values()):
+            # (under DP the server never reads a client's loss: its update decides alone)
+            if (not math.isfinite(loss) and not self.privacy) or not all(v.isfinite().all() for v in up.values()):
                 bad.append(k)
                 continue
             if cfg.method == "fedsa":   # its own B (and head, as FedSA-LoRA's authors run it)
@@ -408,6 +410,8 @@ class LocalTraining:
     def train(self, client: Client, seed: int) -> float:
         """Local SGD on the client's data (`local_sgd`, seeded by `seed`); returns the mean loss."""
         torch.manual_seed(seed)                                          # dropout
+        if self.cfg.dp is not None and self.cfg.dp.secret:               # DP's draws unknown to the seed's holder
+            seed = secrets.randbits(63)
         g = torch.Generator().manual_seed(seed)                          # shuffling (DP: Poisson sampling)
         data = Subset(_Indexed(self.train_set(client)), client.indices)
         kw = dict(generator=g, num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda",
@@ -469,9 +473,14 @@ def local_sgd(model: nn.Module, loader: DataLoader, masks: list, cfg: FedConfig,
     gradient clipped to cfg.dp.clip, the sum noised and divided by the batch size, then the step."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    hooks = dp_opt = None
-    if noise is not None:                                            # Opacus: per-record gradients, DP-SGD
-        hooks, dp_opt = dp.private(model, opt, noise[0], cfg.dp.clip, cfg.batch_size, noise[1])
+    private = nullcontext() if noise is None else \
+        dp.private(model, opt, noise[0], cfg.dp.clip, cfg.batch_size, noise[1])   # Opacus's hooks while it trains
+    with private as dp_opt:                                          # None without DP
+        return _steps(model, loader, masks, cfg, device, desc, params, opt, dp_opt)
+
+
+def _steps(model, loader, masks, cfg, device, desc, params, opt, dp_opt) -> tuple[float, list[int]]:
+    """local_sgd's loop: the round's steps over `loader`, re-read each epoch."""
     total = step_count(len(loader), cfg)
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else nullcontext()
     loss_sum = torch.zeros((), device=device)
@@ -506,8 +515,6 @@ def local_sgd(model: nn.Module, loader: DataLoader, masks: list, cfg: FedConfig,
             if step >= total:
                 break
     bar.close()
-    if hooks is not None:
-        hooks._close()                                               # Opacus's hooks off the model again
     return (loss_sum / max(step, 1)).item(), torch.cat(unreadable).tolist() if unreadable else []
 
 

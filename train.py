@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
@@ -172,6 +173,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="DP-SGD on every client: its records (epsilon, delta)-DP over the whole run (dp.py)")
     p.add_argument("--dp-delta", type=float, default=1e-5, help="DP's delta (with --dp-epsilon)")
     p.add_argument("--dp-clip", type=float, default=2.0, help="DP-SGD's bound C on one record's gradient norm")
+    p.add_argument("--dp-secret-noise", action="store_true",
+                   help="draw DP's noise and batches from the OS's entropy, not --seed (as a deployment must; "
+                        "not repeatable)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast, on the CPU too (default: on where the GPU has native bf16, compute capability "
@@ -322,15 +326,15 @@ def check_dp(args) -> None:
     """--dp-epsilon's values; --dp-delta and --dp-clip mean nothing without it."""
     defaults = get_args_parser().parse_args([])
     if args.dp_epsilon is None:
-        for dest in ("dp_delta", "dp_clip"):
+        for dest in ("dp_delta", "dp_clip", "dp_secret_noise"):
             if getattr(args, dest) != getattr(defaults, dest):
                 raise UserError(f"--{dest.replace('_', '-')} applies with --dp-epsilon (DP-SGD on the clients)")
         return
     if args.amp:
         raise UserError("--amp with --dp-epsilon: per-record gradients in bf16 have norms that can pass the clip by "
                         "bf16's rounding, which the privacy bound does not allow; drop --amp (DP runs in float32)")
-    if not args.dp_epsilon > 0 or not 0 < args.dp_delta < 1 or not args.dp_clip > 0:
-        raise UserError(f"--dp-epsilon must be > 0, --dp-delta in (0, 1) and --dp-clip > 0; got {args.dp_epsilon:g}, "
+    if not 0 < args.dp_epsilon < math.inf or not 0 < args.dp_delta < 1 or not 0 < args.dp_clip < math.inf:
+        raise UserError(f"--dp-epsilon and --dp-clip must be finite and > 0, --dp-delta in (0, 1); got {args.dp_epsilon:g}, "
                         f"{args.dp_delta:g} and {args.dp_clip:g}")
 
 
@@ -342,6 +346,10 @@ def privacy_plan(args, clients) -> Privacy | None:
         return None
     cfg = fed_config(args)
     ckpt = os.path.join(args.out, "checkpoint.safetensors")
+    n = min(c.n for c in clients)
+    if args.dp_delta >= 1 / n:              # delta >= 1/n allows releasing a record outright
+        raise UserError(f"--dp-delta {args.dp_delta:g} is not below 1 / n_k = {1 / n:.3g} for the smallest client "
+                        f"({n} records); pass a --dp-delta well below it (1e-5 is usual)")
     try:
         if not (args.resume and os.path.isfile(ckpt)):
             return plan_privacy(clients, cfg, args.rounds)
@@ -352,6 +360,8 @@ def privacy_plan(args, clients) -> Privacy | None:
         return privacy
     except ValueError as e:
         raise UserError(f"--dp-epsilon {args.dp_epsilon:g}: {e}") from None
+    except ImportError as e:
+        raise UserError(f"--dp-epsilon needs Opacus ({e}); pip install -r requirements.txt") from None
 
 
 def check_unused_fair_options(args) -> None:
@@ -399,7 +409,8 @@ def fed_config(args) -> FedConfig:
                      local_steps=args.local_steps, participation=args.participation, seed=args.seed, amp=args.amp,
                      workers=args.workers, progress=args.progress, client_init=args.client_init,
                      local_head=args.local_head, agg_options=method_options(args),
-                     dp=DPConfig(args.dp_epsilon, args.dp_delta, args.dp_clip) if args.dp_epsilon else None)
+                     dp=DPConfig(args.dp_epsilon, args.dp_delta, args.dp_clip, args.dp_secret_noise)
+                     if args.dp_epsilon else None)
 
 
 def build_data(args, listing):
@@ -821,7 +832,9 @@ def privacy_summary(privacy: Privacy) -> str:
     eps = [p.epsilon(k) for k in range(len(p.sigma))]
     return (f"privacy: each client's records (epsilon, delta)-DP, record-level DP-SGD, {ACCOUNTANT.upper()} accountant: "
             f"epsilon spent {span(eps, '.3f')} of {p.cfg.epsilon:g}, delta {p.cfg.delta:g}, noise multiplier "
-            f"{span(p.sigma, '.4f')}, clip {p.cfg.clip:g}, sample rate {span(p.rate, '.4f')}, steps {span(p.steps, 'd')}")
+            f"{span(p.sigma, '.4f')}, clip {p.cfg.clip:g}, sample rate {span(p.rate, '.4f')}, steps {span(p.steps, 'd')}; "
+            + ("noise from the OS's entropy" if p.cfg.secret else "noise drawn from --seed (private only to whom "
+               "the seed is secret; --dp-secret-noise for a deployment)"))
 
 
 if __name__ == "__main__":

@@ -410,18 +410,28 @@ def write_table(results, seeds, out, args, setting, backbone, base, fed, central
 
 
 def privacy_note(results, argv: list[str], eps: str) -> str:
-    """What the DP rows spent, as the DP literature reports it (from their metrics and dp.py)."""
+    """What the DP rows spent, as the DP literature reports it: the runs' own records (metrics.jsonl's
+    "dp"), checked against dp.py's numbers for the cell (every client holds its style's n_train
+    images and is in every round; records written before "dp" held more than epsilon have only that)."""
     import dp
-    a = train.get_args_parser().parse_args([*argv, "--dp-epsilon", eps])
-    n = a.n_train                         # one client per style holds its style's training images
-    spent = [max(r[-1]["dp"]["epsilon"].values()) for name, runs in results.items() for r in runs if "dp" in r[-1]]
-    q = a.batch_size / n
-    steps = a.rounds * min(int(1 / q) * a.local_epochs, a.local_steps or 10**9)
+    import fed
+    a = train.resolve(train.get_args_parser().parse_args([*argv, "--dp-epsilon", eps]))
+    if a.participation != 1 or a.clients_per_domain != 1:
+        raise SystemExit("privacy_note: the DP cells have one client per style, each in every round")
+    q = a.batch_size / a.n_train
+    steps = a.rounds * fed.step_count(dp.poisson_batches(q), train.fed_config(a))
     sigma = dp.noise_multiplier(float(eps), a.dp_delta, q, steps)
-    return (f"Privacy (rows {', '.join(DP_METHODS)}): each client's records ({eps}, {a.dp_delta:g})-DP over the run, "
-            f"record-level DP-SGD through Opacus, {dp.ACCOUNTANT.upper()} accountant; noise multiplier {sigma:.4f}, "
-            f"clip {a.dp_clip:g}, sample rate {q:.4f} (Poisson, batch {a.batch_size} of {n}), {steps} steps a client; "
-            f"epsilon spent {min(spent):.3f}..{max(spent):.3f}. fedit non-private: the same runs without DP.")
+    recs = [r[-1]["dp"] for runs in results.values() for r in runs if "dp" in r[-1]]
+    for d in recs:
+        for key, want in (("noise_multiplier", sigma), ("sample_rate", q), ("steps", steps)):
+            if any(v != want for v in d.get(key, {}).values()):
+                raise SystemExit(f"privacy_note: a run's {key} is not the cell's {want}")
+    spent = [e for d in recs for e in d["epsilon"].values()]
+    return (f"Privacy (rows {', '.join(DP_METHODS)}): each client's records ({eps}, {a.dp_delta:g})-DP over the run "
+            f"(add/remove one record), record-level DP-SGD through Opacus, {dp.ACCOUNTANT.upper()} accountant; "
+            f"noise multiplier {sigma:.4f}, clip {a.dp_clip:g}, sample rate {q:.4f} (Poisson, batch {a.batch_size} of "
+            f"{a.n_train}), {steps} steps a client; epsilon spent {min(spent):.3f}..{max(spent):.3f}; noise drawn from "
+            "each run's seed. fedit non-private: the same runs without DP.")
 
 
 def write_curves(results, seeds, out, suffix="") -> None:

@@ -61,13 +61,13 @@ def dp_step(model, x, y, sigma, clip, seed=0):
     """One DP-SGD step's gradient as local_sgd forms it (p.grad after pre_step), and the hooks' g_i."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.0)
-    hooks, dp_opt = dp.private(model, opt, sigma, clip, len(x), torch.Generator().manual_seed(seed))
-    dp_opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y, ignore_index=-1, reduction="sum").backward()
-    g_i = {n: p.grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
-    dp_opt.pre_step()
-    grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    hooks._close()
+    with dp.private(model, opt, sigma, clip, len(x), torch.Generator().manual_seed(seed)) as dp_opt:
+        dp_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y, ignore_index=-1, reduction="sum").backward()
+        g_i = {n: p.grad_sample.clone() for n, p in model.named_parameters() if p.requires_grad}
+        dp_opt.pre_step()
+        grad = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(not hasattr(p, "grad_sample") for p in model.parameters())   # the hooks are gone
     return grad, g_i
 
 
@@ -145,6 +145,86 @@ def test_noise_and_epsilon_are_the_accountants_for_each_clients_rate_and_steps()
             assert eps > 4.0 - 0.05
 
 
+def test_what_local_sgd_does_is_what_the_ledger_spends(monkeypatch):
+    """Opacus's own accountant, stepped by a hook on every DP-SGD step local_sgd takes, holds the
+    ledger's history: its sigma_k, q_k, and steps (Poisson batches of the client's records)."""
+    from opacus.accountants import PRVAccountant
+    from opacus.data_loader import DPDataLoader
+    fed = federation("rolora")                             # 3 clients; 3 local steps a round; phases
+    fed.cfg.dp = dp.DPConfig(6.0)
+    fed = Federation(fed.model, fed.domains, fed.clients, fed.cfg, fed.device,
+                     privacy=plan_privacy(fed.clients, fed.cfg, rounds=2))
+    hooked, real_private, real_loader = {}, dp.private, dp.poisson_loader
+    current, loaded = [], []
+
+    def loader(data, q, **kw):
+        loaded.append(current[-1])
+        out = real_loader(data, q, **kw)
+        assert isinstance(out, DPDataLoader) and len(data) == fed.clients[current[-1]].n
+        assert q == fed.privacy.rate[current[-1]] and len(out) == int(1 / q)
+        return out
+
+    def private(model, opt, sigma, clip, batch_size, generator):
+        cm = real_private(model, opt, sigma, clip, batch_size, generator)
+        dp_opt = cm.__enter__()
+        assert (sigma, clip, batch_size) == (fed.privacy.sigma[current[-1]], 2.0, 8)
+        acc = hooked.setdefault(current[-1], PRVAccountant())
+        dp_opt.attach_step_hook(acc.get_optimizer_hook_fn(sample_rate=fed.privacy.rate[current[-1]]))
+        return _Entered(cm, dp_opt)
+    real_train = fed.train_client
+    monkeypatch.setattr(dp, "poisson_loader", loader)
+    monkeypatch.setattr(dp, "private", private)
+    monkeypatch.setattr(fed, "train_client", lambda k, glob, phase: current.append(k) or real_train(k, glob, phase))
+    for _ in range(2):
+        rec = fed.run_round()
+    assert loaded == current == [0, 1, 2, 0, 1, 2]         # every client's batches by Poisson sampling
+    for k in range(3):
+        assert hooked[k].history == [(fed.privacy.sigma[k], fed.privacy.rate[k], fed.privacy.steps[k])]
+        assert rec["dp"]["steps"][str(k)] == 2 * 3 and rec["dp"]["noise_multiplier"][str(k)] == fed.privacy.sigma[k]
+        assert rec["dp"]["epsilon"][str(k)] == pytest.approx(hooked[k].get_epsilon(1e-5), rel=1e-12)
+
+
+class _Entered:
+    """A context manager already entered: gives `value`, exits the real one."""
+    def __init__(self, cm, value):
+        self.cm, self.value = cm, value
+
+    def __enter__(self):
+        return self.value
+
+    def __exit__(self, *exc):
+        return self.cm.__exit__(*exc)
+
+
+def test_an_empty_poisson_batch_is_a_step_of_noise_alone():
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import TensorDataset
+    from fed import FedConfig, local_sgd
+    model = lora_model(shapes_vit, ["attn.qkv", "attn.proj"])
+    data = TensorDataset(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)), torch.arange(4))
+    loader = DPDataLoader(data, sample_rate=1e-9, generator=torch.Generator().manual_seed(0))   # every batch empty
+    before = trainable_state(model)
+    cfg = FedConfig(lr=0.1, momentum=0.0, weight_decay=0.0, batch_size=2, local_steps=1, local_epochs=0,
+                    progress=False, dp=dp.DPConfig(6.0, clip=0.5))
+    loss, _ = local_sgd(model, loader, [], cfg, torch.device("cpu"), noise=(1.0, torch.Generator().manual_seed(0)))
+    step = torch.cat([(trainable_state(model)[k] - before[k]).flatten() for k in before])   # -lr * noise / L
+    assert loss == 0 and step.numel() > 5000
+    assert (step / 0.1).std().item() == pytest.approx(1.0 * 0.5 / 2, rel=0.05)
+
+
+def test_secret_noise_is_not_the_seeds():
+    def round_of(secret):
+        fed = federation("fedit")
+        fed.cfg.dp = dp.DPConfig(6.0, secret=secret)
+        fed = Federation(fed.model, fed.domains, fed.clients, fed.cfg, fed.device,
+                         privacy=plan_privacy(fed.clients, fed.cfg, rounds=1))
+        fed.run_round()
+        return trainable_state(fed.model)
+    seeded, again, secret = round_of(False), round_of(False), round_of(True)
+    assert all(torch.equal(seeded[k], again[k]) for k in seeded)
+    assert any(not torch.equal(seeded[k], secret[k]) for k in seeded if "lora_B" in k)
+
+
 @pytest.mark.parametrize("method", ["fedit", "ffa", "rolora", "fedsvd"])
 def test_padding_of_a_lower_rank_client_stays_zero_under_noise(method):
     fed = hetero(method)
@@ -215,10 +295,13 @@ def test_a_resume_past_the_budget_is_refused_and_writes_nothing(tmp_path, capsys
 
 @pytest.mark.parametrize("args,message", [
     (["--dp-clip", "1"], "--dp-clip applies with --dp-epsilon"),
-    (["--dp-epsilon", "0"], "--dp-epsilon must be > 0"),
-    (["--dp-epsilon", "6", "--dp-delta", "1"], "--dp-delta in (0, 1)"),
+    (["--dp-epsilon", "0"], "--dp-epsilon and --dp-clip must be finite and > 0"),
+    (["--dp-epsilon", "6", "--dp-delta", "1"], "--dp-delta in (0, 1); got 6, 1 and 2"),
     (["--dp-epsilon", "6", "--batch-size", "24"], "client 0 has 24 records, not more than the batch size 24"),
-    (["--dp-epsilon", "6", "--amp"], "--amp with --dp-epsilon: per-record gradients in bf16")])
+    (["--dp-epsilon", "6", "--amp"], "--amp with --dp-epsilon: per-record gradients in bf16"),
+    (["--dp-epsilon", "inf"], "--dp-epsilon and --dp-clip must be finite and > 0"),
+    (["--dp-secret-noise"], "--dp-secret-noise applies with --dp-epsilon"),
+    (["--dp-epsilon", "6", "--dp-delta", "0.05"], "--dp-delta 0.05 is not below 1 / n_k = 0.0417")])
 def test_dp_refusals_are_one_line_before_any_work(tmp_path, capsys, args, message):
     assert main([*TINY, *args, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -237,7 +320,7 @@ def test_a_run_reports_its_privacy_as_the_literature_does(tmp_path, capsys):
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("privacy:")]
     assert len(line) == 1
     for part in ("record-level DP-SGD", "PRV accountant", "of 6, delta 1e-05", "noise multiplier", "clip 2",
-                 "sample rate 0.3333", "steps 4"):
+                 "sample rate 0.3333", "steps 4", "noise drawn from --seed"):
         assert part in line[0]
 
 

@@ -32,6 +32,9 @@ DEFAULT_ARGS = "--dataset shapes --method lorafair --rounds 3"
 def build(train_args: str) -> tuple:
     """(resolved arguments, Federation) exactly as train.py builds them for these arguments."""
     args = train.resolve(train.get_args_parser().parse_args([*shlex.split(train_args), "--no-progress"]))
+    if args.dp_epsilon is not None:
+        raise ValueError("--dp-epsilon: DP-SGD clients run in train.py (its privacy ledger is train.py's "
+                         "checkpoint); this Flower example does not run them")
     listing = None
     if args.dataset != "shapes":
         listing = list_images(args.dataset, args.data_root, args.domains.split(",") if args.domains else None,
