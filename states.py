@@ -62,18 +62,24 @@ def bias_bounds(A: Tensor, B: Tensor, w, *, eps: float = 1e-12) -> tuple[Tensor,
 
 def diagnostics(update: Update, A: Tensor, B: Tensor, w, *, eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
     """cos(dW, dW_applied), ||dW - dW_applied||_F / ||dW||_F and ||dW_applied||_F / ||dW||_F per
-    layer: three (...,) tensors."""
+    layer: three (...,) tensors. dW and dW_applied are formed densely one layer at a time, never
+    for a whole stack of layers (32 gate projections of a 7B model would be 5.8 GB a tensor)."""
     ct = torch.promote_types(A.dtype, torch.float32)                         # half precision: in float32
-    A, B, w = A.to(ct), B.to(ct), torch.as_tensor(w).to(A.device, ct)
-    update = Update(*(None if x is None else x.to(ct) for x in update))
-    U, V = stacked_factors(A, B, w)
-    dW = U @ V                                                                # (..., d_out, d_in)
-    applied = applied_update(update, A, B, w)
-    nX = dW.flatten(-2).norm(dim=-1).clamp_min(eps)
-    nY = applied.flatten(-2).norm(dim=-1).clamp_min(eps)
-    cos = (dW * applied).sum((-2, -1)) / (nX * nY)
-    rel = (dW - applied).flatten(-2).norm(dim=-1) / nX
-    return cos, rel, applied.flatten(-2).norm(dim=-1) / nX
+    lead = A.shape[:-3]
+    flat = lambda x: None if x is None else x.reshape(-1, *x.shape[len(lead):])   # noqa: E731  (n, ...)
+    A, B, upd = flat(A), flat(B), Update(*(flat(x) for x in update))
+    w = torch.as_tensor(w).to(A.device, ct)
+    out = torch.empty(3, A.shape[0], dtype=ct, device=A.device)              # (3, n layers)
+    for i in range(A.shape[0]):
+        Ai, Bi = A[i].to(ct), B[i].to(ct)                                     # (K, r, d_in), (K, d_out, r)
+        U, V = stacked_factors(Ai, Bi, w)
+        dW = U @ V                                                            # (d_out, d_in): this layer only
+        applied = applied_update(Update(*(None if x is None else x[i].to(ct) for x in upd)), Ai, Bi, w)
+        nX = dW.norm().clamp_min(eps)
+        nY = applied.norm().clamp_min(eps)
+        out[0, i], out[1, i], out[2, i] = (dW * applied).sum() / (nX * nY), (dW - applied).norm() / nX, applied.norm() / nX
+        del dW, applied
+    return tuple(x.reshape(lead) for x in out)
 
 
 def eq8_from_factors(update: Update, A: Tensor, B: Tensor, w, lam: float) -> tuple[Tensor, Tensor]:

@@ -1,5 +1,7 @@
 """aggregate_states on whole client state dicts: the same numbers as per-layer calls, every key form
 of HF PEFT, and a round trip through a real PEFT model; the bias diagnostics against dense ones."""
+import os
+
 import pytest
 import torch
 
@@ -307,3 +309,36 @@ def test_aggregate_states_with_the_previous_state_keeps_what_no_client_trained(m
     assert torch.equal(A[:2], bare.state["l.lora_A.weight"][:2]) and torch.equal(B[:, :2], bare.state["l.lora_B.weight"][:, :2])
     if method == "ffa":
         assert torch.equal(A, prev["l.lora_A.weight"])
+
+
+PEAK = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from states import aggregate_states
+torch.manual_seed(0)
+L, K, r, d = 32, 4, 4, 1024                      # 32 same-shape layers: one stack
+states = [{{f"blocks.{{i}}.mlp.fc1.lora_A.weight": torch.randn(r, d) for i in range(L)}} for _ in range(K)]
+for s in states:
+    s.update({{f"blocks.{{i}}.mlp.fc1.lora_B.weight": torch.randn(d, r) for i in range(L)}})
+with open("/proc/self/clear_refs", "w") as f:    # the peak from here on
+    f.write("5")
+rss = lambda key: int([x for x in open("/proc/self/status") if x.startswith(key)][0].split()[1])
+before = rss("VmRSS")
+out = aggregate_states(states, [0.25] * K, {method!r})
+print((rss("VmHWM") - before) / 1024, len(out.cos))
+"""
+
+
+@pytest.mark.parametrize("method", ["fedit", "lorafair", "flexlora"])
+def test_a_stack_of_layers_is_measured_one_dense_layer_at_a_time(method):
+    """aggregate_states on 32 layers of 1024 x 1024: one dense layer is 4 MiB in float32, the stack
+    128 MiB a tensor (the diagnostics formed several: about 400 MiB at the peak). The peak above
+    the inputs stays below one stack tensor, whatever the stack's size."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", PEAK.format(root=root, method=method)], capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    peak_mib, layers = res.stdout.split()
+    assert int(layers) == 32 and float(peak_mib) < 96, peak_mib          # one stack tensor: 128 MiB
