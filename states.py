@@ -190,6 +190,39 @@ def keep_unheld(new: Mapping[str, Tensor], previous: Mapping[str, Tensor], metho
     return out
 
 
+def pad_ranks(states: Sequence[Mapping[str, Tensor]]) -> tuple[list[dict[str, Tensor]], list[int]]:
+    """Client states of different LoRA ranks (PEFT adapters of rank r_k, one rank per client) as
+    one rank R = max r_k: each A (r_k, d_in) gets zero rows, each B (d_out, r_k) zero columns, up to
+    R. Returns (the padded states, [r_k]); pass them to aggregate_states with ranks=[r_k], and hand
+    client k back `at_rank(new.state, r_k)`. The zero padding adds nothing to any B_k A_k.
+    Clients must share one scaling alpha_k / r_k (else fold s_k / s_G into B_k first,
+    aggregators.rescaled); a client whose layers have different ranks is refused."""
+    ranks = []
+    for k, s in enumerate(states):
+        mine = {s[ka].shape[0] for ka, _ in lora_pairs(list(s)).values()}
+        if len(mine) != 1:
+            raise ValueError(f"client {k}'s layers have ranks {sorted(mine)}; pad_ranks takes one rank per client "
+                             "(aggregate such clients' layers group by group)")
+        ranks.append(mine.pop())
+    R = max(ranks)
+    padded = []
+    for s, r in zip(states, ranks):
+        out = dict(s)
+        for ka, kb in lora_pairs(list(s)).values():
+            out[ka] = torch.cat([s[ka], s[ka].new_zeros(R - r, s[ka].shape[1])])          # (R, d_in)
+            out[kb] = torch.cat([s[kb], s[kb].new_zeros(s[kb].shape[0], R - r)], dim=1)   # (d_out, R)
+        padded.append(out)
+    return padded, ranks
+
+
+def at_rank(state: Mapping[str, Tensor], r: int) -> dict[str, Tensor]:
+    """A global state cut to a rank-r client: the leading r rows of every A, columns of every B."""
+    out = dict(state)
+    for ka, kb in lora_pairs(list(state)).values():
+        out[ka], out[kb] = state[ka][:r].clone(), state[kb][:, :r].clone()
+    return out
+
+
 def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: str,
                      previous: Optional[Mapping[str, Tensor]] = None, **options) -> StateUpdate:
     """Aggregate whole client state dicts with one method.

@@ -342,3 +342,42 @@ def test_a_stack_of_layers_is_measured_one_dense_layer_at_a_time(method):
     assert res.returncode == 0, res.stderr[-2000:]
     peak_mib, layers = res.stdout.split()
     assert int(layers) == 32 and float(peak_mib) < 96, peak_mib          # one stack tensor: 128 MiB
+
+
+@pytest.mark.parametrize("method", ["fedit", "hetlora", "rbla", "flexlora", "flora"])
+def test_peft_states_of_different_ranks_are_padded_aggregated_and_cut_back(method):
+    """PEFT clients of ranks 2, 4, 3: pad_ranks gives the aggregators zero-padded factors at R = 4
+    (dW unchanged), and at_rank hands each client the leading slots of the result."""
+    from states import at_rank, pad_ranks
+    g = torch.Generator().manual_seed(0)
+    ranks, layers = [2, 4, 3], ["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.up_proj"]
+    shapes = {"model.layers.0.self_attn.k_proj": (8, 16), "model.layers.0.mlp.up_proj": (24, 16)}
+    states = [{**{f"base_model.model.{p}.lora_A.weight": torch.randn(r, shapes[p][1], generator=g, dtype=torch.float64)
+                  for p in layers},
+               **{f"base_model.model.{p}.lora_B.weight": torch.randn(shapes[p][0], r, generator=g, dtype=torch.float64)
+                  for p in layers}} for r in ranks]
+    with pytest.raises(ValueError, match="shapes"):
+        aggregate_states(states, [1 / 3] * 3, method)                    # unequal ranks: refused as they are
+    padded, got = pad_ranks(states)
+    assert got == ranks
+    w = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    out = aggregate_states(padded, w, method, ranks=ranks)
+    for p in layers:
+        ka, kb = f"base_model.model.{p}.lora_A.weight", f"base_model.model.{p}.lora_B.weight"
+        dW = sum(w[k] * states[k][kb] @ states[k][ka] for k in range(3))          # the unpadded clients' dW
+        A, B = torch.stack([s[ka] for s in padded]), torch.stack([s[kb] for s in padded])
+        torch.testing.assert_close(dense_dW(A, B, w), dW, rtol=1e-12, atol=1e-12)  # padding adds nothing
+        u = run(method, A, B, w, ranks=ranks)
+        for key, want in ((ka, u.A), (kb, u.B)):
+            if want is not None:
+                torch.testing.assert_close(out.state[key], want, rtol=1e-10, atol=1e-12)
+        for k, r in enumerate(ranks):
+            mine = at_rank(out.state, r)
+            if u.A is not None:
+                assert mine[ka].shape == (r, shapes[p][1]) and torch.equal(mine[ka], out.state[ka][:r])
+                assert mine[kb].shape == (shapes[p][0], r) and torch.equal(mine[kb], out.state[kb][:, :r])
+    mixed = dict(states[0])
+    mixed["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"] = torch.zeros(3, 16, dtype=torch.float64)
+    mixed["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"] = torch.zeros(24, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="client 0's layers have ranks \\[2, 3\\]"):
+        pad_ranks([mixed, states[1]])
