@@ -62,8 +62,22 @@ def bias_bounds(A: Tensor, B: Tensor, w, *, eps: float = 1e-12) -> tuple[Tensor,
 
 def diagnostics(update: Update, A: Tensor, B: Tensor, w, *, eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
     """cos(dW, dW_applied), ||dW - dW_applied||_F / ||dW||_F and ||dW_applied||_F / ||dW||_F per
-    layer: three (...,) tensors. dW and dW_applied are formed densely one layer at a time, never
-    for a whole stack of layers (32 gate projections of a 7B model would be 5.8 GB a tensor)."""
+    layer: three (...,) tensors. Where the method returns no dense delta_w, from the factors alone
+    (dW = U V, dW_applied = B_g A_g: <X, Y> = sum((U^T B_g) * (V A_g^T)), norms alike, in float64);
+    where it does, densely one layer at a time. Never a dense tensor for a whole stack of layers
+    (the 64 gate and up projections of a 7B model would be 11.5 GB a tensor)."""
+    if update.delta_w is None:
+        A, B = A.detach().double(), B.detach().double()
+        w = torch.as_tensor(w).to(A.device, torch.float64)
+        A_g = update.A.double() if update.A is not None else weighted_mean(A, w)
+        B_g = update.B.double() if update.B is not None else weighted_mean(B, w)
+        U, V = stacked_factors(A, B, w)                                       # (..., d_out, K r), (..., K r, d_in)
+        inner = lambda P, Q, R, S: ((P.mT @ R) * (Q @ S.mT)).sum((-2, -1))  # noqa: E731  <P Q, R S>
+        xx, yy, xy = inner(U, V, U, V), inner(B_g, A_g, B_g, A_g), inner(U, V, B_g, A_g)
+        nX, nY = xx.clamp_min(0).sqrt().clamp_min(eps), yy.clamp_min(0).sqrt()
+        ct = torch.promote_types(A.dtype, torch.float32)
+        return tuple(x.to(ct) for x in (xy / (nX * nY.clamp_min(eps)), (xx + yy - 2 * xy).clamp_min(0).sqrt() / nX,
+                                        nY / nX))
     ct = torch.promote_types(A.dtype, torch.float32)                         # half precision: in float32
     lead = A.shape[:-3]
     flat = lambda x: None if x is None else x.reshape(-1, *x.shape[len(lead):])   # noqa: E731  (n, ...)
@@ -190,21 +204,25 @@ def keep_unheld(new: Mapping[str, Tensor], previous: Mapping[str, Tensor], metho
     return out
 
 
-def pad_ranks(states: Sequence[Mapping[str, Tensor]]) -> tuple[list[dict[str, Tensor]], list[int]]:
+def pad_ranks(states: Sequence[Mapping[str, Tensor]], rank: Optional[int] = None
+              ) -> tuple[list[dict[str, Tensor]], list[int]]:
     """Client states of different LoRA ranks (PEFT adapters of rank r_k, one rank per client) as
-    one rank R = max r_k: each A (r_k, d_in) gets zero rows, each B (d_out, r_k) zero columns, up to
-    R. Returns (the padded states, [r_k]); pass them to aggregate_states with ranks=[r_k], and hand
-    client k back `at_rank(new.state, r_k)`. The zero padding adds nothing to any B_k A_k.
-    Clients must share one scaling alpha_k / r_k (else fold s_k / s_G into B_k first,
-    aggregators.rescaled); a client whose layers have different ranks is refused."""
+    one rank R (`rank`: the global adapter's; default the largest r_k): each A (r_k, d_in) gets zero
+    rows, each B (d_out, r_k) zero columns, up to R. Returns (the padded states, [r_k]); pass them
+    to aggregate_states with ranks=[r_k] (and previous= the global state), and hand client k back
+    `at_rank(new.state, r_k)`. The zero padding adds nothing to any B_k A_k. Clients must share one
+    scaling alpha_k / r_k (else fold s_k / s_G into B_k first, aggregators.rescaled); a client whose
+    layers have different ranks is refused."""
     ranks = []
     for k, s in enumerate(states):
         mine = {s[ka].shape[0] for ka, _ in lora_pairs(list(s)).values()}
         if len(mine) != 1:
-            raise ValueError(f"client {k}'s layers have ranks {sorted(mine)}; pad_ranks takes one rank per client "
-                             "(aggregate such clients' layers group by group)")
+            raise ValueError(f"client {k}: " + (f"its layers have ranks {sorted(mine)}; pad_ranks takes one rank per "
+                             "client (aggregate such clients' layers group by group)" if mine else "no LoRA layer"))
         ranks.append(mine.pop())
-    R = max(ranks)
+    R = max(ranks) if rank is None else rank
+    if R < max(ranks):
+        raise ValueError(f"rank {R} is below client {ranks.index(max(ranks))}'s rank {max(ranks)}")
     padded = []
     for s, r in zip(states, ranks):
         out = dict(s)
@@ -216,10 +234,16 @@ def pad_ranks(states: Sequence[Mapping[str, Tensor]]) -> tuple[list[dict[str, Te
 
 
 def at_rank(state: Mapping[str, Tensor], r: int) -> dict[str, Tensor]:
-    """A global state cut to a rank-r client: the leading r rows of every A, columns of every B."""
+    """A global state cut to a rank-r client: the leading r rows of every A, columns of every B (a
+    state may lack a factor, as FedSA's result lacks B)."""
     out = dict(state)
-    for ka, kb in lora_pairs(list(state)).values():
-        out[ka], out[kb] = state[ka][:r].clone(), state[kb][:, :r].clone()
+    for key, x in state.items():
+        m = _lora_key(key)
+        if m is not None:
+            R = x.shape[0] if m[1] == "A" else x.shape[1]
+            if r > R:
+                raise ValueError(f"{key} has rank {R}, below the {r} asked; pad the state first (pad_ranks)")
+            out[key] = (x[:r] if m[1] == "A" else x[:, :r]).clone()
     return out
 
 

@@ -3,7 +3,7 @@ aggregation (states.aggregate_states, diagnostics included), per method and fact
 
     python bench/llm_server.py            # writes bench/results/llm_server.md; about 15 minutes on 2 cores
 
-Geometry (7B-like, as Llama-2-7B with grouped-query k/v): 32 blocks of seven adapted layers, d 4096,
+Geometry (7B-like: Llama-2-7B's widths with grouped-query k/v): 32 blocks of seven adapted layers, d 4096,
 d_kv 1024, d_ff 11008: q, o (4096 x 4096), k, v (1024 x 4096), gate, up (11008 x 4096), down
 (4096 x 11008); 224 layers, rank 16, K = 10 clients. Each method runs in its own process on one
 block (7 layers, the same shapes as every other block), one thread; its time is measured and x 32

@@ -3,7 +3,7 @@
     python examples/llm/federated_llm.py --method lorafair --rounds 4
 
 The model is a Llama built from a small config (random weights, nothing downloaded) with
-grouped-query attention, so one block's adapted layers have three shapes: q/o (d x d), k/v
+grouped-query attention, so one block's adapted layers have four shapes: q/o (d x d), k/v
 (d_kv x d), gate/up (d_ff x d) and down (d x d_ff). PEFT LoRA sits on all seven projections, in
 bf16. Three clients of ranks 2, 4 and 8 (alpha = 2 r, so one scaling s = 2) each learn their own
 offline text task: token sequences counting up by the client's own stride.
@@ -119,8 +119,8 @@ def server(base, states: list[dict], sizes: list[int], method: str, glob: dict, 
         layer = base.get_submodule(prefix.removeprefix("base_model.model."))
         layer.weight += SCALE * dw.to(layer.weight.dtype)
     out = {**glob, **new.state}
-    if method in RESTART:                                    # a fresh adapter: B = 0
-        out.update({kb: torch.zeros_like(glob[kb]) for _, kb in lora_pairs(list(glob)).values()})
+    if method in RESTART:                                    # a fresh adapter: B = 0 (A is kept: with B = 0 the
+        out.update({kb: torch.zeros_like(glob[kb]) for _, kb in lora_pairs(list(glob)).values()})   # product is 0)
     return out, padded, ranks
 
 
