@@ -1021,7 +1021,7 @@ def frlora(A: Tensor, B: Tensor, w, *, A_init: Optional[Tensor] = None, B_init: 
                          f"must be shaped like one client's A {tuple(A.shape[-2:])} and B {tuple(B.shape[-2:])}")
     A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)                  # (..., r, d_in), (..., d_out, r)
     A0, B0 = A_init.to(A), B_init.to(B)
-    delta_w = B_bar @ A_bar - B0 @ A0                                         # (..., d_out, d_in)
+    delta_w = torch.cat([B_bar, -B0], -1) @ torch.cat([A_bar, A0], -2)        # one dense product: (..., d_out, d_in)
     return _cast(Update(A0, B0, delta_w), dtype)
 
 

@@ -62,18 +62,38 @@ def bias_bounds(A: Tensor, B: Tensor, w, *, eps: float = 1e-12) -> tuple[Tensor,
 
 def diagnostics(update: Update, A: Tensor, B: Tensor, w, *, eps: float = 1e-12) -> tuple[Tensor, Tensor, Tensor]:
     """cos(dW, dW_applied), ||dW - dW_applied||_F / ||dW||_F and ||dW_applied||_F / ||dW||_F per
-    layer: three (...,) tensors."""
+    layer: three (...,) tensors. Where the method returns no dense delta_w, from the factors alone
+    (dW = U V, dW_applied = B_g A_g: <X, Y> = sum((U^T B_g) * (V A_g^T)), norms alike, in float64);
+    where it does, densely one layer at a time. Never a dense tensor for a whole stack of layers
+    (the 64 gate and up projections of a 7B model would be 11.5 GB a tensor)."""
+    if update.delta_w is None:
+        A, B = A.detach().double(), B.detach().double()
+        w = torch.as_tensor(w).to(A.device, torch.float64)
+        A_g = update.A.double() if update.A is not None else weighted_mean(A, w)
+        B_g = update.B.double() if update.B is not None else weighted_mean(B, w)
+        U, V = stacked_factors(A, B, w)                                       # (..., d_out, K r), (..., K r, d_in)
+        inner = lambda P, Q, R, S: ((P.mT @ R) * (Q @ S.mT)).sum((-2, -1))  # noqa: E731  <P Q, R S>
+        xx, yy, xy = inner(U, V, U, V), inner(B_g, A_g, B_g, A_g), inner(U, V, B_g, A_g)
+        nX, nY = xx.clamp_min(0).sqrt().clamp_min(eps), yy.clamp_min(0).sqrt()
+        ct = torch.promote_types(A.dtype, torch.float32)
+        return tuple(x.to(ct) for x in (xy / (nX * nY.clamp_min(eps)), (xx + yy - 2 * xy).clamp_min(0).sqrt() / nX,
+                                        nY / nX))
     ct = torch.promote_types(A.dtype, torch.float32)                         # half precision: in float32
-    A, B, w = A.to(ct), B.to(ct), torch.as_tensor(w).to(A.device, ct)
-    update = Update(*(None if x is None else x.to(ct) for x in update))
-    U, V = stacked_factors(A, B, w)
-    dW = U @ V                                                                # (..., d_out, d_in)
-    applied = applied_update(update, A, B, w)
-    nX = dW.flatten(-2).norm(dim=-1).clamp_min(eps)
-    nY = applied.flatten(-2).norm(dim=-1).clamp_min(eps)
-    cos = (dW * applied).sum((-2, -1)) / (nX * nY)
-    rel = (dW - applied).flatten(-2).norm(dim=-1) / nX
-    return cos, rel, applied.flatten(-2).norm(dim=-1) / nX
+    lead = A.shape[:-3]
+    flat = lambda x: None if x is None else x.reshape(-1, *x.shape[len(lead):])   # noqa: E731  (n, ...)
+    A, B, upd = flat(A), flat(B), Update(*(flat(x) for x in update))
+    w = torch.as_tensor(w).to(A.device, ct)
+    out = torch.empty(3, A.shape[0], dtype=ct, device=A.device)              # (3, n layers)
+    for i in range(A.shape[0]):
+        Ai, Bi = A[i].to(ct), B[i].to(ct)                                     # (K, r, d_in), (K, d_out, r)
+        U, V = stacked_factors(Ai, Bi, w)
+        dW = U @ V                                                            # (d_out, d_in): this layer only
+        applied = applied_update(Update(*(None if x is None else x[i].to(ct) for x in upd)), Ai, Bi, w)
+        nX = dW.norm().clamp_min(eps)
+        nY = applied.norm().clamp_min(eps)
+        out[0, i], out[1, i], out[2, i] = (dW * applied).sum() / (nX * nY), (dW - applied).norm() / nX, applied.norm() / nX
+        del dW, applied
+    return tuple(x.reshape(lead) for x in out)
 
 
 def eq8_from_factors(update: Update, A: Tensor, B: Tensor, w, lam: float) -> tuple[Tensor, Tensor]:
@@ -181,6 +201,49 @@ def keep_unheld(new: Mapping[str, Tensor], previous: Mapping[str, Tensor], metho
                 out[ka] = torch.cat([out[ka][:held], previous[ka][held:]])
             if kb in out:                                                     # B: (d_out, R)
                 out[kb] = torch.cat([out[kb][:, :held], previous[kb][:, held:]], dim=1)
+    return out
+
+
+def pad_ranks(states: Sequence[Mapping[str, Tensor]], rank: Optional[int] = None
+              ) -> tuple[list[dict[str, Tensor]], list[int]]:
+    """Client states of different LoRA ranks (PEFT adapters of rank r_k, one rank per client) as
+    one rank R (`rank`: the global adapter's; default the largest r_k): each A (r_k, d_in) gets zero
+    rows, each B (d_out, r_k) zero columns, up to R. Returns (the padded states, [r_k]); pass them
+    to aggregate_states with ranks=[r_k] (and previous= the global state), and hand client k back
+    `at_rank(new.state, r_k)`. The zero padding adds nothing to any B_k A_k. Clients must share one
+    scaling alpha_k / r_k (else fold s_k / s_G into B_k first, aggregators.rescaled); a client whose
+    layers have different ranks is refused."""
+    ranks = []
+    for k, s in enumerate(states):
+        mine = {s[ka].shape[0] for ka, _ in lora_pairs(list(s)).values()}
+        if len(mine) != 1:
+            raise ValueError(f"client {k}: " + (f"its layers have ranks {sorted(mine)}; pad_ranks takes one rank per "
+                             "client (aggregate such clients' layers group by group)" if mine else "no LoRA layer"))
+        ranks.append(mine.pop())
+    R = max(ranks) if rank is None else rank
+    if R < max(ranks):
+        raise ValueError(f"rank {R} is below client {ranks.index(max(ranks))}'s rank {max(ranks)}")
+    padded = []
+    for s, r in zip(states, ranks):
+        out = dict(s)
+        for ka, kb in lora_pairs(list(s)).values():
+            out[ka] = torch.cat([s[ka], s[ka].new_zeros(R - r, s[ka].shape[1])])          # (R, d_in)
+            out[kb] = torch.cat([s[kb], s[kb].new_zeros(s[kb].shape[0], R - r)], dim=1)   # (d_out, R)
+        padded.append(out)
+    return padded, ranks
+
+
+def at_rank(state: Mapping[str, Tensor], r: int) -> dict[str, Tensor]:
+    """A global state cut to a rank-r client: the leading r rows of every A, columns of every B (a
+    state may lack a factor, as FedSA's result lacks B)."""
+    out = dict(state)
+    for key, x in state.items():
+        m = _lora_key(key)
+        if m is not None:
+            R = x.shape[0] if m[1] == "A" else x.shape[1]
+            if r > R:
+                raise ValueError(f"{key} has rank {R}, below the {r} asked; pad the state first (pad_ranks)")
+            out[key] = (x[:r] if m[1] == "A" else x[:, :r]).clone()
     return out
 
 

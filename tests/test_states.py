@@ -1,5 +1,7 @@
 """aggregate_states on whole client state dicts: the same numbers as per-layer calls, every key form
 of HF PEFT, and a round trip through a real PEFT model; the bias diagnostics against dense ones."""
+import os
+
 import pytest
 import torch
 
@@ -307,3 +309,84 @@ def test_aggregate_states_with_the_previous_state_keeps_what_no_client_trained(m
     assert torch.equal(A[:2], bare.state["l.lora_A.weight"][:2]) and torch.equal(B[:, :2], bare.state["l.lora_B.weight"][:, :2])
     if method == "ffa":
         assert torch.equal(A, prev["l.lora_A.weight"])
+
+
+PEAK = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from states import aggregate_states
+torch.manual_seed(0)
+L, K, r, d = 32, 4, 4, 1024                      # 32 same-shape layers: one stack
+shared = {{i: torch.randn(r, d) for i in range(L)}}   # a shared A where the method needs one
+own = {method!r} not in ("ffa", "rolora", "fedsvd")
+states = [{{f"blocks.{{i}}.mlp.fc1.lora_A.weight": torch.randn(r, d) if own else shared[i] for i in range(L)}}
+          for _ in range(K)]
+for s in states:
+    s.update({{f"blocks.{{i}}.mlp.fc1.lora_B.weight": torch.randn(d, r) for i in range(L)}})
+with open("/proc/self/clear_refs", "w") as f:    # the peak from here on
+    f.write("5")
+rss = lambda key: int([x for x in open("/proc/self/status") if x.startswith(key)][0].split()[1])
+before = rss("VmRSS")
+out = aggregate_states(states, [0.25] * K, {method!r}, **({{"phase": "B"}} if {method!r} == "rolora" else {{}}))
+print((rss("VmHWM") - before) / 1024, len(out.cos))
+"""
+
+
+@pytest.mark.parametrize("method", [m for m in AGGREGATORS if m not in ("flora", "fedex", "florist", "frlora")])
+def test_a_stack_of_layers_is_measured_one_dense_layer_at_a_time(method):
+    """aggregate_states on 32 layers of 1024 x 1024: one dense layer is 4 MiB in float32, the stack
+    128 MiB a tensor (the diagnostics formed several: about 400 MiB at the peak). The peak above
+    the inputs stays below one stack tensor, whatever the stack's size."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", PEAK.format(root=root, method=method)], capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    peak_mib, layers = res.stdout.split()
+    assert int(layers) == 32 and float(peak_mib) < 96, peak_mib          # one stack tensor: 128 MiB
+
+
+@pytest.mark.parametrize("method", ["fedit", "hetlora", "rbla", "flexlora", "flora"])
+def test_peft_states_of_different_ranks_are_padded_aggregated_and_cut_back(method):
+    """PEFT clients of ranks 2, 4, 3: pad_ranks gives the aggregators zero-padded factors at R = 4
+    (dW unchanged), and at_rank hands each client the leading slots of the result."""
+    from states import at_rank, pad_ranks
+    g = torch.Generator().manual_seed(0)
+    ranks, layers = [2, 4, 3], ["model.layers.0.self_attn.k_proj", "model.layers.0.mlp.up_proj"]
+    shapes = {"model.layers.0.self_attn.k_proj": (8, 16), "model.layers.0.mlp.up_proj": (24, 16)}
+    states = [{**{f"base_model.model.{p}.lora_A.weight": torch.randn(r, shapes[p][1], generator=g, dtype=torch.float64)
+                  for p in layers},
+               **{f"base_model.model.{p}.lora_B.weight": torch.randn(shapes[p][0], r, generator=g, dtype=torch.float64)
+                  for p in layers}} for r in ranks]
+    with pytest.raises(ValueError, match="shapes"):
+        aggregate_states(states, [1 / 3] * 3, method)                    # unequal ranks: refused as they are
+    padded, got = pad_ranks(states)
+    assert got == ranks
+    w = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    out = aggregate_states(padded, w, method, ranks=ranks)
+    for p in layers:
+        ka, kb = f"base_model.model.{p}.lora_A.weight", f"base_model.model.{p}.lora_B.weight"
+        dW = sum(w[k] * states[k][kb] @ states[k][ka] for k in range(3))          # the unpadded clients' dW
+        A, B = torch.stack([s[ka] for s in padded]), torch.stack([s[kb] for s in padded])
+        torch.testing.assert_close(dense_dW(A, B, w), dW, rtol=1e-12, atol=1e-12)  # padding adds nothing
+        u = run(method, A, B, w, ranks=ranks)
+        for key, want in ((ka, u.A), (kb, u.B)):
+            if want is not None:
+                torch.testing.assert_close(out.state[key], want, rtol=1e-10, atol=1e-12)
+        for k, r in enumerate(ranks):
+            mine = at_rank(out.state, r)
+            if u.A is not None:
+                assert mine[ka].shape == (r, shapes[p][1]) and torch.equal(mine[ka], out.state[ka][:r])
+                assert mine[kb].shape == (shapes[p][0], r) and torch.equal(mine[kb], out.state[kb][:, :r])
+    mixed = dict(states[0])
+    mixed["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"] = torch.zeros(3, 16, dtype=torch.float64)
+    mixed["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"] = torch.zeros(24, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="client 0: its layers have ranks \\[2, 3\\]"):
+        pad_ranks([mixed, states[1]])
+    padded8, _ = pad_ranks(states, rank=8)                # the global rank, above every client's
+    assert all(s[k].shape[0] == 8 for s in padded8 for k in s if k.endswith("lora_A.weight"))
+    with pytest.raises(ValueError, match="below the 9 asked"):
+        at_rank(padded8[0], 9)
+    fedsa = aggregate_states(padded, w, "fedsa", ranks=ranks)  # no B in the result: cut A alone
+    assert all(v.shape[0] == 2 for k, v in at_rank(fedsa.state, 2).items() if k.endswith("lora_A.weight"))
