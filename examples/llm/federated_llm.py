@@ -137,9 +137,8 @@ def run(method: str, rounds: int = 4, seed: int = 0) -> list[float]:
             mine = {**glob, **own.get(k, {})}
             states.append(train_client(base, mine, k, r, method, phase))
             if method == "fedsa":
-                own[k] = {kb: torch.cat([states[k][kb], states[k][kb].new_zeros(states[k][kb].shape[0],
-                                                                                max(RANKS) - r)], 1)
-                          for _, kb in lora_pairs(list(states[k])).values()}
+                at_R = pad_ranks([states[k]], rank=max(RANKS))[0][0]          # its B at the global rank
+                own[k] = {kb: at_R[kb] for _, kb in lora_pairs(list(at_R)).values()}
         glob, _, _ = server(base, states, [32] * len(states), method, glob, init, phase)
         losses.append(evaluate(base, glob, own, method))
         print(f"{method} round {t + 1}: mean loss {losses[-1]:.3f}")
