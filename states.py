@@ -306,21 +306,18 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
 
     out = StateUpdate({}, {}, {}, {}, {}, {}, {}, {})
     for (group, A, B, wg), upd in zip(stacks, updates):
-        cos, rel, scale = diagnostics(upd, A, B, wg)
-        fedit_cos, ceiling = bias_bounds(A, B, wg)
-        eq8 = eq8_from_factors(upd, A, B, wg, options.get("lam", 0.01)) if method == "lorafair" else None
-        for i, p in enumerate(group):
-            if upd.A is not None:
-                out.state[pairs[p][0]] = upd.A[i]
-            if upd.B is not None:
-                out.state[pairs[p][1]] = upd.B[i]
-            if upd.delta_w is not None:
-                out.delta_w[p] = upd.delta_w[i]
-            out.cos[p], out.rel_err[p] = cos[i].item(), rel[i].item()
-            out.cos_fedit[p], out.ceiling[p] = fedit_cos[i].item(), ceiling[i].item()
-            out.scale[p] = scale[i].item()
-            if eq8 is not None:
-                out.eq8[p] = (eq8[0][i].item(), eq8[1][i].item())
+        for i, p in enumerate(group):           # measured layer by layer: float64 copies of one layer's factors
+            one = Update(*(None if x is None else x[i] for x in upd))
+            if one.A is not None:
+                out.state[pairs[p][0]] = one.A
+            if one.B is not None:
+                out.state[pairs[p][1]] = one.B
+            if one.delta_w is not None:
+                out.delta_w[p] = one.delta_w
+            out.cos[p], out.rel_err[p], out.scale[p] = (x.item() for x in diagnostics(one, A[i], B[i], wg))
+            out.cos_fedit[p], out.ceiling[p] = (x.item() for x in bias_bounds(A[i], B[i], wg))
+            if method == "lorafair":
+                out.eq8[p] = tuple(x.item() for x in eq8_from_factors(one, A[i], B[i], wg, options.get("lam", 0.01)))
     factors = {k for ab in pairs.values() for k in ab}
     for key in keys:
         if key in factors:

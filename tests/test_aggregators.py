@@ -269,7 +269,7 @@ def test_lorafair_lambda_zero_reaches_the_least_squares_bound(similarity):
         assert got > dense_cos(dW, avg(B, w) @ A_bar, "column").item() and got <= 1
 
 
-@pytest.mark.parametrize("K", [3, 30])   # K r (d_out + d_in) > d_out d_in: the solver switches to dense dW
+@pytest.mark.parametrize("K", [3, 30])   # K r (d_out + d_in) > d_out d_in: C and ||dW|| from each layer's dense dW
 @pytest.mark.parametrize("init", ["zeros", "xavier"])
 @pytest.mark.parametrize("similarity", ["flat", "column"])
 def test_lorafair_factored_equals_dense(init, similarity, K):

@@ -316,35 +316,58 @@ import sys, torch
 sys.path.insert(0, {root!r})
 from states import aggregate_states
 torch.manual_seed(0)
-L, K, r, d = 32, 4, 4, 1024                      # 32 same-shape layers: one stack
-shared = {{i: torch.randn(r, d) for i in range(L)}}   # a shared A where the method needs one
-own = {method!r} not in ("ffa", "rolora", "fedsvd")
-states = [{{f"blocks.{{i}}.mlp.fc1.lora_A.weight": torch.randn(r, d) if own else shared[i] for i in range(L)}}
+L, K, r, d, dt = 32, 4, 4, 1024, getattr(torch, {dtype!r})   # 32 same-shape layers: one stack
+shared = {{i: torch.randn(r, d).to(dt) for i in range(L)}}   # a shared A where the method needs one
+own = {method!r} not in ("ffa", "rolora", "fedsvd", "frlora")
+states = [{{f"blocks.{{i}}.mlp.fc1.lora_A.weight": torch.randn(r, d).to(dt) if own else shared[i] for i in range(L)}}
           for _ in range(K)]
 for s in states:
-    s.update({{f"blocks.{{i}}.mlp.fc1.lora_B.weight": torch.randn(d, r) for i in range(L)}})
+    s.update({{f"blocks.{{i}}.mlp.fc1.lora_B.weight": torch.randn(d, r).to(dt) for i in range(L)}})
+opts = {{"phase": "B"}} if {method!r} == "rolora" else {{"init": dict(states[0])}} if {method!r} == "frlora" else {{}}
 with open("/proc/self/clear_refs", "w") as f:    # the peak from here on
     f.write("5")
 rss = lambda key: int([x for x in open("/proc/self/status") if x.startswith(key)][0].split()[1])
 before = rss("VmRSS")
-out = aggregate_states(states, [0.25] * K, {method!r}, **({{"phase": "B"}} if {method!r} == "rolora" else {{}}))
-print((rss("VmHWM") - before) / 1024, len(out.cos))
+out = aggregate_states(states, [0.25] * K, {method!r}, **opts)
+returned = sum(x.numel() * x.element_size() for x in out.delta_w.values()) / 2**20
+print((rss("VmHWM") - before) / 1024, returned, len(out.cos))
 """
+FOLDS = ("flora", "fedex", "florist", "frlora")
 
 
-@pytest.mark.parametrize("method", [m for m in AGGREGATORS if m not in ("flora", "fedex", "florist", "frlora")])
+def _peak(method: str, dtype: str = "float32") -> tuple[float, float]:
+    """aggregate_states' peak RSS above its inputs (MiB) on PEAK's stack, and what it returned dense (MiB)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", PEAK.format(root=root, method=method, dtype=dtype)],
+                         capture_output=True, text=True,   # a fixed mmap threshold: freed blocks leave RSS
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    peak_mib, returned_mib, layers = res.stdout.split()
+    assert int(layers) == 32
+    return float(peak_mib), float(returned_mib)
+
+
+@pytest.mark.parametrize("method", [m for m in AGGREGATORS if m not in FOLDS])
 def test_a_stack_of_layers_is_measured_one_dense_layer_at_a_time(method):
     """aggregate_states on 32 layers of 1024 x 1024: one dense layer is 4 MiB in float32, the stack
     128 MiB a tensor (the diagnostics formed several: about 400 MiB at the peak). The peak above
     the inputs stays below one stack tensor, whatever the stack's size."""
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", PEAK.format(root=root, method=method)], capture_output=True,
-                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    peak_mib, layers = res.stdout.split()
-    assert int(layers) == 32 and float(peak_mib) < 96, peak_mib          # one stack tensor: 128 MiB
+    peak, returned = _peak(method)
+    assert returned == 0 and peak < 96, peak                              # one stack tensor: 128 MiB
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", FOLDS)
+def test_a_folding_method_holds_its_dense_result_and_one_layer_more(method, dtype):
+    """The methods that fold return a dense d_out x d_in update for every layer (128 MiB here in
+    float32, 64 MiB in bf16); beyond that, the peak stays below half of one float32 stack tensor
+    (about 30 MiB: one layer's dense temporaries). In bf16 they computed the stack in float32 and
+    then cast it, 128 MiB more."""
+    peak, returned = _peak(method, dtype)
+    assert returned == 32 * 1024 * 1024 * (4 if dtype == "float32" else 2) / 2**20
+    assert peak - returned < 64, (peak, returned)
 
 
 @pytest.mark.parametrize("method", ["fedit", "hetlora", "rbla", "flexlora", "flora"])
