@@ -1,18 +1,27 @@
 """What each method costs a server at language-model scale: time and peak memory of one round's
-aggregation (states.aggregate_states, diagnostics included), per method and factor dtype.
+aggregation of a whole 7B-like model (states.aggregate_states, diagnostics included), per method
+and factor dtype, and each method against its dense reference, shape by shape.
 
-    python bench/llm_server.py            # writes bench/results/llm_server.md; about 15 minutes on 2 cores
+    python bench/llm_server.py            # writes bench/results/llm_server.md and .json; about 45 minutes
 
-Geometry (7B-like: Llama-2-7B's widths with grouped-query k/v): 32 blocks of seven adapted layers, d 4096,
+Geometry (Llama-2-7B's widths with grouped-query k/v): 32 blocks of seven adapted layers, d 4096,
 d_kv 1024, d_ff 11008: q, o (4096 x 4096), k, v (1024 x 4096), gate, up (11008 x 4096), down
-(4096 x 11008); 224 layers, rank 16, K = 10 clients. Each method runs in its own process on one
-block (7 layers, the same shapes as every other block), one thread; its time is measured and x 32
-gives the model's. Peak memory is the process's peak RSS above its inputs during the call. Methods
-that fold (FLoRA, FedEx-LoRA, FLoRIST, FRLoRA) return a dense d_out x d_in update for every layer:
-the model's total is computed (5.7e9 entries) and said where it exceeds this machine.
-The dense reference (tests/reference.py: the method computed from the dense dW) is timed on one
-k/v layer (1024 x 4096) only, where every dense SVD fits in seconds; the fast method's time on
-the same layer is beside it.
+(4096 x 11008); 224 layers, rank 16, K = 10 clients, random factors. One thread, each measurement
+in its own process; peak memory is the process's peak RSS above its inputs during the call.
+
+The whole model: one aggregate_states call over all 224 layers' states (1.47 GB of client factors
+in float32). The methods that fold (FOLDS) return a dense d_out x d_in update per layer, 5.7e9
+entries for the model: where that and the inputs do not fit in this machine's memory (with
+HEADROOM GB to spare), the model is aggregated block by block, as a user would to fold each block
+into the base before the next (each block's updates are dropped here): all 32 blocks are run and
+timed either way, and the table says which, with what one call would need.
+
+Dense references (tests/reference.py: the method computed from the dense dW; LoRA-FAIR's Eq. 8 by
+L-BFGS) are timed on each of the four layer shapes, smallest first, and capped: a shape is
+measured only if the time the cost model predicts from the last measured shape is under CAP_S
+seconds, and its dense inputs fit; above that it is extrapolated with the cost model (d_out d_in
+per layer, times min(d_out, d_in) for references that take a dense SVD) and marked so. The model's
+dense time is the per-shape times summed over its 224 layers.
 """
 from __future__ import annotations
 
@@ -27,38 +36,50 @@ from aggregators import AGGREGATORS  # noqa: E402
 
 SHAPES = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096),
           "gate_proj": (11008, 4096), "up_proj": (11008, 4096), "down_proj": (4096, 11008)}
+KINDS = {"k/v": (1024, 4096), "q/o": (4096, 4096), "gate/up": (11008, 4096), "down": (4096, 11008)}  # by cost
+PER_BLOCK = {"k/v": 2, "q/o": 2, "gate/up": 2, "down": 1}
 BLOCKS, K, R = 32, 10, 16
 FOLDS = ("flora", "fedex", "florist", "frlora")
+SVD_REFS = ("flexlora", "florist", "fedsvd", "spectral")   # their dense references take an SVD of a dense matrix
+CAP_S, HEADROOM = 60.0, 4.0
+GB = 2**30
 MEMORY_GB = int([x for x in open("/proc/meminfo") if x.startswith("MemTotal")][0].split()[1]) / 2**20
 
-ONE = """
+MODEL = """
 import sys, time, torch
 sys.path.insert(0, {root!r})
 from states import aggregate_states
 torch.manual_seed(0)
 torch.set_num_threads(1)
-dt, method, K, R = getattr(torch, {dtype!r}), {method!r}, {K}, {R}
+dt, method, K, R, blocks, one_call = getattr(torch, {dtype!r}), {method!r}, {K}, {R}, {blocks}, {one_call}
 shapes = {shapes!r}
 shared = method in ("ffa", "fedsvd", "frlora", "rolora")          # clients share A (they trained B)
-A0 = {{p: torch.randn(R, d_in) / d_in ** 0.5 for p, (d_out, d_in) in shapes.items()}}
-states = []
-for k in range(K):
-    s = {{}}
-    for p, (d_out, d_in) in shapes.items():
-        s[p + ".lora_A.weight"] = (A0[p] if shared else torch.randn(R, d_in) / d_in ** 0.5).to(dt)
-        s[p + ".lora_B.weight"] = (0.01 * torch.randn(d_out, R)).to(dt)
-    states.append(s)
+mlp = ("gate_proj", "up_proj", "down_proj")
+layers = [(f"model.layers.{{b}}.{{'mlp' if p in mlp else 'self_attn'}}.{{p}}", s) for b in range(blocks) for p, s in shapes.items()]
+A0 = {{n: (torch.randn(R, d_in) / d_in ** 0.5).to(dt) for n, (d_out, d_in) in layers}}
+states = [{{}} for _ in range(K)]
+for n, (d_out, d_in) in layers:
+    for s in states:
+        s[n + ".lora_A.weight"] = A0[n] if shared else (torch.randn(R, d_in) / d_in ** 0.5).to(dt)
+        s[n + ".lora_B.weight"] = (0.01 * torch.randn(d_out, R)).to(dt)
 opts = {{"phase": "B"}} if method == "rolora" else {{}}
 if method == "frlora":
-    opts["init"] = {{k: v.clone() for k, v in states[0].items()}}
-rss = lambda key: int([x for x in open("/proc/self/status") if x.startswith(key)][0].split()[1]) / 2**20
+    opts["init"] = dict(states[0])
+inputs = sum(x.numel() * x.element_size() for s in states for x in s.values())
+rss = lambda key: int([x for x in open("/proc/self/status") if x.startswith(key)][0].split()[1]) * 1024
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
-base = rss("VmRSS")
+base, returned = rss("VmRSS"), 0
 tic = time.perf_counter()
-out = aggregate_states(states, [1 / K] * K, method, **opts)
+for part in ([None] if one_call else range(blocks)):
+    mine = lambda key: part is None or key.startswith(f"model.layers.{{part}}.")
+    out = aggregate_states([{{k: v for k, v in s.items() if mine(k)}} for s in states], [1 / K] * K, method,
+                           **{{k: ({{n: x for n, x in v.items() if mine(n)}} if k == "init" else v) for k, v in opts.items()}})
+    returned += sum(v.numel() * v.element_size() for v in out.delta_w.values())
+    assert len(out.cos) == (len(layers) if part is None else len(shapes))
+    del out                                     # block by block: the user folds this block's updates, then drops them
 sec = time.perf_counter() - tic
-print(sec, rss("VmHWM") - base, sum(v.numel() * v.element_size() for v in out.delta_w.values()) / 2**30)
+print(sec, rss("VmHWM") - base, returned, inputs)
 """
 
 DENSE = """
@@ -68,7 +89,7 @@ from aggregators import AGGREGATORS, eq8_minimiser, weighted_mean
 from tests import reference as ref
 torch.manual_seed(0)
 torch.set_num_threads(1)
-method, K, R, (d_out, d_in) = {method!r}, {K}, {R}, {shape!r}
+method, K, R, (d_out, d_in), measure_dense = {method!r}, {K}, {R}, {shape!r}, {measure_dense}
 A, B = torch.randn(K, R, d_in) / d_in ** 0.5, 0.01 * torch.randn(K, d_out, R)
 if method in ("ffa", "fedsvd", "frlora", "rolora"):
     A[:] = A[0]
@@ -92,8 +113,7 @@ def best(f, n=2):
         f()
         times.append(time.perf_counter() - tic)
     return min(times)
-fast = best(lambda: AGGREGATORS[method](A, B, w, **opts))
-print(fast, best(dense, 1))
+print(best(lambda: AGGREGATORS[method](A, B, w, **opts)), best(dense, 1) if measure_dense else -1)
 """
 
 
@@ -105,31 +125,81 @@ def run(code: str) -> list[float]:
     return [float(x) for x in res.stdout.split()]
 
 
+def available_gb() -> float:
+    return int([x for x in open("/proc/meminfo") if x.startswith("MemAvailable")][0].split()[1]) / 2**20
+
+
+def dense_gb(dtype: str) -> float:
+    """The folded updates of the whole model, GB."""
+    return BLOCKS * sum(o * i for o, i in SHAPES.values()) * (4 if dtype == "float32" else 2) / GB
+
+
+def cost(method: str, shape: tuple[int, int]) -> float:
+    """The dense reference's cost model, up to a constant: d_out d_in (x min(d_out, d_in) for an SVD)."""
+    return shape[0] * shape[1] * (min(shape) if method in SVD_REFS else 1)
+
+
+def references(method: str) -> dict:
+    """Fast method and dense reference on each layer shape; dense measured under the cap, else extrapolated."""
+    out, last = {}, None
+    for kind, shape in KINDS.items():
+        predicted = None if last is None else out[last]["dense_s"] * cost(method, shape) / cost(method, KINDS[last])
+        fits = 8 * shape[0] * shape[1] * 6 < 0.25 * MEMORY_GB * GB           # dense dW and an SVD's workspace
+        measure = fits and (predicted is None or predicted < CAP_S)
+        fast, dense = run(DENSE.format(root=ROOT, method=method, K=K, R=R, shape=shape, measure_dense=measure))
+        out[kind] = {"fast_s": fast, "dense_s": dense if measure else predicted, "extrapolated": not measure}
+        if measure:
+            last = kind
+    return out
+
+
+def model(method: str, dtype: str) -> dict:
+    need = dense_gb(dtype) + 2 * 1.47 * (1 if dtype == "float32" else 0.5) if method in FOLDS else 0.0
+    one_call = method not in FOLDS or need + HEADROOM < available_gb()
+    sec, peak, returned, inputs = run(MODEL.format(root=ROOT, dtype=dtype, method=method, K=K, R=R, blocks=BLOCKS,
+                                                   shapes=SHAPES, one_call=one_call))
+    return {"s": sec, "peak_gb": peak / GB, "returned_gb": returned / GB, "inputs_gb": inputs / GB,
+            "one_call": one_call, "one_call_needs_gb": need}
+
+
+def table(rows: dict) -> list[str]:
+    lines = [f"Whole model, one round: {BLOCKS} blocks x 7 layers (d 4096, d_kv 1024, d_ff 11008), r {R}, K {K}; "
+             f"one thread; this machine's memory {MEMORY_GB:.0f} GB.", "",
+             "| method | s (float32) | s (bf16) | peak GB above inputs (f32 / bf16) | dense updates returned (f32 / bf16) |",
+             "|---|---|---|---|---|"]
+    for m, r in rows.items():
+        f, b = r["float32"], r["bfloat16"]
+        how = lambda x: "" if x["one_call"] else " b"                          # noqa: E731
+        ret = "none" if m not in FOLDS else " / ".join(
+            f"{x['returned_gb']:.1f} GB" + ("" if x["one_call"] else f" (one call needs {x['one_call_needs_gb']:.1f}: "
+                                            "block by block)") for x in (f, b))
+        lines.append(f"| {m} | {f['s']:.0f}{how(f)} | {b['s']:.0f}{how(b)} | {f['peak_gb']:.2f} / {b['peak_gb']:.2f} "
+                     f"| {ret} |")
+    lines += ["", f"b: aggregated block by block (each block's dense updates dropped before the next). Inputs: "
+              f"{rows['fedit']['float32']['inputs_gb']:.2f} GB (float32), {rows['fedit']['bfloat16']['inputs_gb']:.2f} GB "
+              "(bf16).", "", "Each method against its dense reference, float32, one layer of each shape (seconds; "
+              f"* extrapolated: the cost model's prediction passed {CAP_S:.0f} s); model: summed over the 224 layers.", "",
+              "| method | k/v: fast / dense | q/o | gate/up | down | model: method alone / dense reference |",
+              "|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        ref = r["reference"]
+        cell = lambda x: f"{x['fast_s']:.3f} / {x['dense_s']:.2f}{'*' if x['extrapolated'] else ''}"  # noqa: E731
+        total = {key: BLOCKS * sum(PER_BLOCK[k] * ref[k][key] for k in KINDS) for key in ("fast_s", "dense_s")}
+        star = "*" if any(ref[k]["extrapolated"] for k in KINDS) else ""
+        lines.append(f"| {m} | " + " | ".join(cell(ref[k]) for k in KINDS)
+                     + f" | {total['fast_s']:.1f} / {total['dense_s']:.0f}{star} |")
+    return lines + ["", "Command: `python bench/llm_server.py`"]
+
+
 def main() -> None:
     rows = {}
     for method in AGGREGATORS:
-        rows[method] = {}
-        for dtype in ("float32", "bfloat16"):
-            sec, peak, dense_out = run(ONE.format(root=ROOT, dtype=dtype, method=method, K=K, R=R, shapes=SHAPES))
-            rows[method][dtype] = {"block_s": sec, "block_peak_gb": peak, "returned_dense_gb": dense_out * BLOCKS}
-        rows[method]["k_proj"] = dict(zip(("fast_s", "dense_s"), run(DENSE.format(root=ROOT, method=method, K=K, R=R,
-                                                                                   shape=SHAPES["k_proj"]))))
-        print(method, rows[method], file=sys.stderr)
-    with open(os.path.join(ROOT, "bench", "results", "llm_server.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    lines = [f"Server step at 7B geometry ({BLOCKS} blocks x 7 layers: d 4096, d_kv 1024, d_ff 11008; r {R}, "
-             f"K {K}); one block measured, model = x {BLOCKS}; one thread; machine memory {MEMORY_GB:.0f} GB.", "",
-             "| method | model s (float32) | model s (bf16) | peak GB, one block (f32 / bf16) | dense returned, model "
-             "(f32 / bf16) | k_proj: fast vs dense reference |", "|---|---|---|---|---|---|"]
-    for m, r in rows.items():
-        f32, b16, kp = r["float32"], r["bfloat16"], r["k_proj"]
-        dense = (f"{f32['returned_dense_gb']:.1f} / {b16['returned_dense_gb']:.1f} GB"
-                 + (" (over this machine's memory: run it layer group by group)"
-                    if f32["returned_dense_gb"] > 0.8 * MEMORY_GB else "")) if m in FOLDS else "none"
-        lines.append(f"| {m} | {BLOCKS * f32['block_s']:.0f} | {BLOCKS * b16['block_s']:.0f} | "
-                     f"{f32['block_peak_gb']:.2f} / {b16['block_peak_gb']:.2f} | {dense} | "
-                     f"{kp['fast_s'] * 1e3:.0f} ms vs {kp['dense_s'] * 1e3:.0f} ms |")
-    lines += ["", "Command: `python bench/llm_server.py`"]
+        rows[method] = {dtype: model(method, dtype) for dtype in ("float32", "bfloat16")}
+        rows[method]["reference"] = references(method)
+        print(method, rows[method], file=sys.stderr, flush=True)
+        with open(os.path.join(ROOT, "bench", "results", "llm_server.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    lines = table(rows)
     with open(os.path.join(ROOT, "bench", "results", "llm_server.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
