@@ -206,7 +206,9 @@ def stacked_factors(A: Tensor, B: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """
     *lead, K, r, d_in = A.shape
     d_out = B.shape[-2]
-    U = (B * w[:, None, None]).movedim(-3, -2).reshape(*lead, d_out, K * r)  # (..., d_out, K r)
+    U = B.new_empty(*lead, d_out, K, r, dtype=torch.promote_types(B.dtype, w.dtype))
+    torch.mul(B.movedim(-3, -2), w[:, None], out=U)                          # one copy, laid out as U
+    U = U.reshape(*lead, d_out, K * r)                                       # (..., d_out, K r): a view
     V = A.reshape(*lead, K * r, d_in)                                          # (..., K r, d_in)
     return U, V
 

@@ -16,7 +16,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from aggregators import Update, check_weights, get_aggregator, lorafair_groups, stacked_factors, weighted_mean
+from aggregators import Update, check_weights, frlora, get_aggregator, lorafair_groups, stacked_factors, weighted_mean
 
 
 # ----------------------------------------------------------------------------- how far from dW
@@ -286,26 +286,35 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
                                  f"{tuple(s[kb].shape)}; client 0's are {tuple(A0.shape)}, {tuple(B0.shape)}")
         groups.setdefault((tuple(A0.shape), tuple(B0.shape), A0.dtype, A0.device), []).append(p)
 
-    stacks = []
-    for group in groups.values():
-        A = torch.stack([torch.stack([s[pairs[p][0]] for s in states]) for p in group])  # (L, K, r, d_in)
-        B = torch.stack([torch.stack([s[pairs[p][1]] for s in states]) for p in group])  # (L, K, d_out, r)
-        stacks.append((group, A, B, w.to(A.device)))
-    if method == "lorafair":
-        updates = lorafair_groups(stacks, **options)
-    elif method == "frlora":                    # its initial factors, keyed as the states, stacked as A and B
+    def stack(group: list[str]) -> tuple:       # one shape group's copy of the factors at a time
+        A = torch.stack([s[pairs[p][0]] for p in group for s in states]).unflatten(0, (len(group), K))  # (L, K, r, d_in)
+        B = torch.stack([s[pairs[p][1]] for p in group for s in states]).unflatten(0, (len(group), K))  # (L, K, d_out, r)
+        return group, A, B, w.to(A.device)
+
+    if method == "frlora":                      # its initial factors, keyed as the states, stacked as A and B
         options = dict(options)
         init = options.pop("init", None)
         if init is None or any(k not in init for ab in pairs.values() for k in ab):
             raise ValueError("frlora needs init= the initial adapter (aggregators.frlora_init), keyed as the states")
-        updates = [fn(A, B, wg, layer=group, A_init=torch.stack([init[pairs[p][0]] for p in group]).to(A.device),
-                      B_init=torch.stack([init[pairs[p][1]] for p in group]).to(B.device), **options)
-                   for group, A, B, wg in stacks]
+
+        def fn(A: Tensor, B: Tensor, w: Tensor, layer: list[str], **o) -> Update:
+            return frlora(A, B, w, layer=layer, A_init=torch.stack([init[pairs[p][0]] for p in layer]).to(A.device),
+                          B_init=torch.stack([init[pairs[p][1]] for p in layer]).to(B.device), **o)
+
+    def group_by_group():                       # each stack is dropped before the next is made
+        for group in groups.values():
+            item = stack(group)
+            yield item, fn(*item[1:], layer=group, **options)
+            del item
+
+    if method == "lorafair" and options.get("solver") == "sgd":   # one SGD loop over all groups: all at once
+        stacks = [stack(group) for group in groups.values()]
+        results = zip(stacks, lorafair_groups(stacks, **options))
     else:
-        updates = [fn(A, B, wg, layer=group, **options) for group, A, B, wg in stacks]
+        results = group_by_group()
 
     out = StateUpdate({}, {}, {}, {}, {}, {}, {}, {})
-    for (group, A, B, wg), upd in zip(stacks, updates):
+    for (group, A, B, wg), upd in results:
         for i, p in enumerate(group):           # measured layer by layer: float64 copies of one layer's factors
             one = Update(*(None if x is None else x[i] for x in upd))
             if one.A is not None:
@@ -318,6 +327,7 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
             out.cos_fedit[p], out.ceiling[p] = (x.item() for x in bias_bounds(A[i], B[i], wg))
             if method == "lorafair":
                 out.eq8[p] = tuple(x.item() for x in eq8_from_factors(one, A[i], B[i], wg, options.get("lam", 0.01)))
+        del A, B, upd, one
     factors = {k for ab in pairs.values() for k in ab}
     for key in keys:
         if key in factors:
