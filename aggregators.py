@@ -131,6 +131,8 @@ def _dense(U: Tensor, V: Tensor, dtype: torch.dtype) -> Tensor:
     64 gate and up projections: 11.5 GB in float32 for 5.8 GB returned in bf16)."""
     if U.dtype == dtype:
         return U @ V
+    lead = torch.broadcast_shapes(U.shape[:-2], V.shape[:-2])
+    U, V = U.expand(*lead, *U.shape[-2:]), V.expand(*lead, *V.shape[-2:])
     out = torch.empty(*U.shape[:-1], V.shape[-1], dtype=dtype, device=U.device)
     for o, u, v in zip(out.view(-1, *out.shape[-2:]), U.reshape(-1, *U.shape[-2:]), V.reshape(-1, *V.shape[-2:])):
         o.copy_(u @ v)                                                        # (d_out, d_in): one layer in float32
@@ -206,9 +208,12 @@ def stacked_factors(A: Tensor, B: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
     """
     *lead, K, r, d_in = A.shape
     d_out = B.shape[-2]
-    U = B.new_empty(*lead, d_out, K, r, dtype=torch.promote_types(B.dtype, w.dtype))
-    torch.mul(B.movedim(-3, -2), w[:, None], out=U)                          # one copy, laid out as U
-    U = U.reshape(*lead, d_out, K * r)                                       # (..., d_out, K r): a view
+    if torch.is_grad_enabled() and (B.requires_grad or w.requires_grad):      # out= has no autograd
+        U = (B * w[:, None, None]).movedim(-3, -2)                            # reshaped below: a second copy
+    else:
+        U = B.new_empty(*lead, d_out, K, r, dtype=torch.promote_types(B.dtype, w.dtype))
+        torch.mul(B.movedim(-3, -2), w[:, None], out=U)                      # one copy, laid out as U
+    U = U.reshape(*lead, d_out, K * r)                                       # (..., d_out, K r)
     V = A.reshape(*lead, K * r, d_in)                                          # (..., K r, d_in)
     return U, V
 
@@ -374,8 +379,6 @@ def _cosine_parts(U: Tensor, V: Tensor, A_bar: Tensor, similarity: str, eps: flo
             ||Y_j||^2 = A'_j^T (B'^T B') A'_j.
     Norms are clamped below at eps, as torch.nn.functional.cosine_similarity does.
     """
-    UtU = U.mT @ U                                                            # (..., K r, K r)
-
     def projected(Bp: Tensor) -> Tensor:                                      # B'^T dW: (..., r, d_in)
         return (Bp.mT @ U) @ V
 
@@ -392,7 +395,7 @@ def _cosine_parts(U: Tensor, V: Tensor, A_bar: Tensor, similarity: str, eps: flo
             return inner / (nX * nY2.clamp_min(eps * eps).sqrt())             # (...,)
         return cos
     if similarity == "column":
-        nX2 = (V * (UtU @ V)).sum(-2)
+        nX2 = (V * ((U.mT @ U) @ V)).sum(-2)                                 # U^T U: (..., K r, K r)
         nX = nX2.clamp_min(0).sqrt().clamp_min(eps)                           # (..., d_in)
 
         def cos(Bp: Tensor, Ap: Optional[Tensor] = None) -> Tensor:

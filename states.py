@@ -287,9 +287,9 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
         groups.setdefault((tuple(A0.shape), tuple(B0.shape), A0.dtype, A0.device), []).append(p)
 
     def stack(group: list[str]) -> tuple:       # one shape group's copy of the factors at a time
-        A = torch.stack([s[pairs[p][0]] for p in group for s in states]).unflatten(0, (len(group), K))  # (L, K, r, d_in)
-        B = torch.stack([s[pairs[p][1]] for p in group for s in states]).unflatten(0, (len(group), K))  # (L, K, d_out, r)
-        return group, A, B, w.to(A.device)
+        A = torch.stack([s[pairs[p][0]] for p in group for s in states]).unflatten(0, (len(group), K))
+        B = torch.stack([s[pairs[p][1]] for p in group for s in states]).unflatten(0, (len(group), K))
+        return group, A, B, w.to(A.device)                                    # A: (L, K, r, d_in)  B: (L, K, d_out, r)
 
     if method == "frlora":                      # its initial factors, keyed as the states, stacked as A and B
         options = dict(options)

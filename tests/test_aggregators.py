@@ -412,6 +412,19 @@ def test_half_precision_is_aggregated_in_float32_and_returned_in_its_dtype(metho
             assert got.dtype == dtype and torch.equal(got, want.to(dtype))
 
 
+@pytest.mark.parametrize("method", ["flora", "fedex", "fedit"])
+def test_gradients_flow_through_the_aggregate(method):
+    """Factors that require grad (live parameters) are differentiated through: the dense update's
+    gradient equals the finite-difference one (torch.autograd.gradcheck, float64)."""
+    A, B, w = clients(K=3, lead=(2,), d_out=5, d_in=4, r=2)
+    A, B = A.requires_grad_(), B.requires_grad_()
+
+    def f(A, B):
+        u = AGGREGATORS[method](A, B, w)
+        return u.delta_w if u.delta_w is not None else u.B @ u.A
+    assert torch.autograd.gradcheck(f, (A, B))
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 2 ** -7), (torch.float16, 2 ** -10),
                                         (torch.float32, 1e-6), (torch.float64, 1e-13)])
 def test_fedex_is_exact_to_the_dtypes_precision(dtype, tol):
