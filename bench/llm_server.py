@@ -3,6 +3,7 @@ aggregation of a whole 7B-like model (states.aggregate_states, diagnostics inclu
 and factor dtype, and each method against its dense reference, shape by shape.
 
     python bench/llm_server.py            # writes bench/results/llm_server.md and .json; about 45 minutes
+    python bench/llm_server.py --table    # the table again from bench/results/llm_server.json
 
 Geometry (Llama-2-7B's widths with grouped-query k/v): 32 blocks of seven adapted layers, d 4096,
 d_kv 1024, d_ff 11008: q, o (4096 x 4096), k, v (1024 x 4096), gate, up (11008 x 4096), down
@@ -153,8 +154,13 @@ def references(method: str) -> dict:
     return out
 
 
+def inputs_gb(dtype: str) -> float:
+    """The clients' factors for the whole model, GB."""
+    return BLOCKS * K * R * sum(o + i for o, i in SHAPES.values()) * (4 if dtype == "float32" else 2) / GB
+
+
 def model(method: str, dtype: str) -> dict:
-    need = dense_gb(dtype) + 2 * 1.47 * (1 if dtype == "float32" else 0.5) if method in FOLDS else 0.0
+    need = dense_gb(dtype) + 2 * inputs_gb(dtype) if method in FOLDS else 0.0   # updates, inputs and their stack
     one_call = method not in FOLDS or need + HEADROOM < available_gb()
     sec, peak, returned, inputs = run(MODEL.format(root=ROOT, dtype=dtype, method=method, K=K, R=R, blocks=BLOCKS,
                                                    shapes=SHAPES, one_call=one_call))
@@ -173,8 +179,8 @@ def table(rows: dict) -> list[str]:
         ret = "none" if m not in FOLDS else " / ".join(
             f"{x['returned_gb']:.1f} GB" + ("" if x["one_call"] else f" (one call needs {x['one_call_needs_gb']:.1f}: "
                                             "block by block)") for x in (f, b))
-        lines.append(f"| {m} | {f['s']:.0f}{how(f)} | {b['s']:.0f}{how(b)} | {f['peak_gb']:.2f} / {b['peak_gb']:.2f} "
-                     f"| {ret} |")
+        lines.append(f"| {m} | {f['s']:.0f}{how(f)} | {b['s']:.0f}{how(b)} | {f['peak_gb']:.2f}{how(f)} / "
+                     f"{b['peak_gb']:.2f}{how(b)} | {ret} |")
     lines += ["", f"b: aggregated block by block (each block's dense updates dropped before the next). Inputs: "
               f"{rows['fedit']['float32']['inputs_gb']:.2f} GB (float32), {rows['fedit']['bfloat16']['inputs_gb']:.2f} GB "
               "(bf16).", "", "Each method against its dense reference, float32, one layer of each shape (seconds; "
@@ -192,12 +198,17 @@ def table(rows: dict) -> list[str]:
 
 
 def main() -> None:
+    path = os.path.join(ROOT, "bench", "results", "llm_server.json")
+    if sys.argv[1:] == ["--table"]:            # the table again from the measured figures
+        with open(path) as f:
+            print("\n".join(table(json.load(f))))
+        return
     rows = {}
     for method in AGGREGATORS:
         rows[method] = {dtype: model(method, dtype) for dtype in ("float32", "bfloat16")}
         rows[method]["reference"] = references(method)
         print(method, rows[method], file=sys.stderr, flush=True)
-        with open(os.path.join(ROOT, "bench", "results", "llm_server.json"), "w") as f:
+        with open(path, "w") as f:
             json.dump(rows, f, indent=1)
     lines = table(rows)
     with open(os.path.join(ROOT, "bench", "results", "llm_server.md"), "w") as f:

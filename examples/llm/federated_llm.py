@@ -14,7 +14,8 @@ A round, as a PEFT user writes it around states.py:
   2. the server pads the uploads to the largest rank (`states.pad_ranks`), aggregates them
      (`states.aggregate_states`, with `ranks=` and `previous=` the round's global state), folds any
      `delta_w` into the base weights (`W0 += s delta_w`, as README shows) and restarts the adapters
-     where the method does (FLoRA, FLoRIST: B = 0; FRLoRA: its initial adapter).
+     where the method does (FLoRA, FLoRIST: B = 0; FRLoRA: its initial adapter). It does so one
+     transformer block at a time, as a 7B model's folding methods need (bench/README.md).
 FRLoRA is defined for one rank shared by all clients: it runs with every client at rank 8.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 import sys
 
 import torch
@@ -106,19 +108,36 @@ def train_client(base, glob: dict, k: int, r: int, method: str, phase, steps: in
     return get_peft_model_state_dict(model)
 
 
+def blocks(state: dict) -> list[list[str]]:
+    """The state's keys block by block (the `.layers.<i>.` in their names), in the model's order."""
+    out: dict[int, list[str]] = {}
+    for key in state:
+        m = re.search(r"\.layers\.(\d+)\.", key)
+        out.setdefault(int(m.group(1)) if m else -1, []).append(key)
+    return [out[i] for i in sorted(out)]
+
+
 @torch.no_grad()
-def server(base, states: list[dict], sizes: list[int], method: str, glob: dict, init: dict, phase):
+def server(base, states: list[dict], sizes: list[int], method: str, glob: dict, init: dict, phase,
+           by_block: bool = True):
     """pad_ranks, aggregate_states, the fold into W0, the restart; returns (new global, padded
-    uploads, ranks) and changes `base` in place where the method folds."""
+    uploads, ranks) and changes `base` in place where the method folds. by_block: aggregate and
+    fold one transformer block at a time, so that at most one block's dense updates exist at once
+    (what a 7B model needs for FLoRA, FedEx-LoRA, FLoRIST and FRLoRA: 21 GB in float32 at once)."""
     padded, ranks = pad_ranks(states)
     w = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
     options = {"ranks": ranks} if len(set(ranks)) > 1 else {}
-    options.update({"phase": phase} if method == "rolora" else {}, **({"init": init} if init else {}))
-    new = aggregate_states(padded, w, method, previous=glob, **options)
-    for prefix, dw in new.delta_w.items():                  # W0 += s delta_w, layer by layer
-        layer = base.get_submodule(prefix.removeprefix("base_model.model."))
-        layer.weight += SCALE * dw.to(layer.weight.dtype)
-    out = {**glob, **new.state}
+    options.update({"phase": phase} if method == "rolora" else {})
+    out = dict(glob)
+    for keys in blocks(padded[0]) if by_block else [list(padded[0])]:
+        part = lambda s: {k: s[k] for k in keys}                            # noqa: E731  this block's keys
+        new = aggregate_states([part(s) for s in padded], w, method, previous=part(glob),
+                               **options, **({"init": part(init)} if init else {}))
+        for prefix, dw in new.delta_w.items():              # W0 += s delta_w, layer by layer
+            layer = base.get_submodule(prefix.removeprefix("base_model.model."))
+            layer.weight += SCALE * dw.to(layer.weight.dtype)
+        out.update(new.state)
+        del new                                              # folded: gone before the next block's
     if method in RESTART:                                    # a fresh adapter: B = 0 (A is kept: with B = 0 the
         out.update({kb: torch.zeros_like(glob[kb]) for _, kb in lora_pairs(list(glob)).values()})   # product is 0)
     return out, padded, ranks
