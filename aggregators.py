@@ -131,8 +131,8 @@ def _dense(U: Tensor, V: Tensor, dtype: torch.dtype) -> Tensor:
     64 gate and up projections: 11.5 GB in float32 for 5.8 GB returned in bf16)."""
     if U.dtype == dtype:
         return U @ V
-    lead = torch.broadcast_shapes(U.shape[:-2], V.shape[:-2])
-    U, V = U.expand(*lead, *U.shape[-2:]), V.expand(*lead, *V.shape[-2:])
+    if U.shape[:-2] != V.shape[:-2]:
+        raise ValueError(f"_dense takes equal leading dims, got U {tuple(U.shape)} and V {tuple(V.shape)}")
     out = torch.empty(*U.shape[:-1], V.shape[-1], dtype=dtype, device=U.device)
     for o, u, v in zip(out.view(-1, *out.shape[-2:]), U.reshape(-1, *U.shape[-2:]), V.reshape(-1, *V.shape[-2:])):
         o.copy_(u @ v)                                                        # (d_out, d_in): one layer in float32
