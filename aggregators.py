@@ -178,7 +178,7 @@ def _shared(X: Tensor, tol: float, layer: Names, what: str, ranks: Optional[Tens
             l = int(bad[0])
             raise ValueError(f"{_name(layer, l if lead else -1)}: {what}, but the clients' copies differ "
                              f"by up to {spread[l].item():.3g}")
-        return X0
+        return X0.clone()                                                     # not a view keeping all K copies
     ref = int(ranks.argmax())
     X0 = X[..., ref, :, :]                                                    # (..., m, n), the whole factor
     scale = X0.abs().flatten(-2).amax(-1) if tol > 0 else None               # (...,)
@@ -191,7 +191,7 @@ def _shared(X: Tensor, tol: float, layer: Names, what: str, ranks: Optional[Tens
         if (spread > tol * (scale if scale is not None else 0)).any():
             raise ValueError(f"{_name(layer, -1)}: {what}, but client {k}'s copy differs from client {ref}'s "
                              f"by up to {spread.max().item():.3g}")
-    return X0
+    return X0.clone()
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -332,14 +332,13 @@ def _flat_terms(U: Tensor, V: Tensor, A_bar: Tensor, eps: float) -> tuple[Tensor
     if Kr * (d_out + d_in) <= d_out * d_in:
         nX2 = ((U.mT @ U) * (V @ V.mT)).sum((-2, -1))                        # ||U V||^2, (...,)
         return U @ (V @ A_bar.mT), G, nX2.clamp_min(0).sqrt().clamp_min(eps)
-    lead = U.shape[:-2]
-    C, nX = U.new_empty(*lead, d_out, A_bar.shape[-2]), U.new_empty(lead)
-    layers = (x.reshape(-1, *x.shape[-2:]) for x in (C, U, V, A_bar))         # C is written through its view
-    for c, n, u, v, a in zip(next(layers), nX.view(-1), *layers):
-        dW = u @ v                                                            # (d_out, d_in): this layer only
-        c.copy_(dW @ a.mT)
-        n.copy_(dW.square().sum().sqrt())
-    return C, G, nX.clamp_min(eps)
+    lead, r = U.shape[:-2], A_bar.shape[-2]
+    U, V, A_bar = (x.reshape(-1, *x.shape[-2:]) for x in (U, V, A_bar))      # (n layers, ., .)
+    C, nX = U.new_empty(len(U), d_out, r), U.new_empty(len(U))
+    for i in range(len(U)):
+        dW = U[i] @ V[i]                                                      # (d_out, d_in): this layer only
+        C[i], nX[i] = dW @ A_bar[i].mT, dW.square().sum().sqrt()
+    return C.reshape(*lead, d_out, r), G, nX.reshape(lead).clamp_min(eps)
 
 
 def _sgd_flat_B(B_bar: Tensor, dB: Tensor, C: Tensor, G: Tensor, nX: Tensor, steps: int, lr: float, lam: float,
@@ -1042,7 +1041,8 @@ def frlora(A: Tensor, B: Tensor, w, *, A_init: Optional[Tensor] = None, B_init: 
                          "(frlora_init)")
     if tuple(A_init.shape) != (*lead, *A.shape[-2:]) or tuple(B_init.shape) != (*lead, *B.shape[-2:]):
         raise ValueError(f"{_name(layer, -1)}: frlora's A_init {tuple(A_init.shape)} and B_init {tuple(B_init.shape)} "
-                         f"must be shaped like one client's A {tuple(A.shape[-2:])} and B {tuple(B.shape[-2:])}")
+                         f"must be shaped like one client's A and B with the leading dims: {(*lead, *A.shape[-2:])} and "
+                         f"{(*lead, *B.shape[-2:])}")
     A_bar, B_bar = weighted_mean(A, w), weighted_mean(B, w)                  # (..., r, d_in), (..., d_out, r)
     A0, B0 = A_init.to(A), B_init.to(B)
     delta_w = _dense(torch.cat([B_bar, -B0], -1), torch.cat([A_bar, A0], -2), dtype)   # (..., d_out, d_in)

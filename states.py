@@ -248,7 +248,8 @@ def at_rank(state: Mapping[str, Tensor], r: int) -> dict[str, Tensor]:
 
 
 def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: str,
-                     previous: Optional[Mapping[str, Tensor]] = None, **options) -> StateUpdate:
+                     previous: Optional[Mapping[str, Tensor]] = None, *, diagnose: bool = True,
+                     **options) -> StateUpdate:
     """Aggregate whole client state dicts with one method.
 
     LoRA factors are found by name: `<prefix>.lora_A.weight` / `<prefix>.lora_B.weight` (this
@@ -263,6 +264,8 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
     previous: the global state the round started from. Given, what no client trained is kept from
     it (`keep_unheld`: the frozen factor, and with heterogeneous `ranks` the slots no client holds);
     without it, those come back as the aggregators return them (zeros past the largest rank).
+    diagnose=False leaves the per-layer measurements (cos, rel_err, ...) empty: at 7B scale they
+    take most of a round's time (bench/README.md, "Language-model scale").
     """
     fn = get_aggregator(method)
     K = len(states)
@@ -301,11 +304,11 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
             return frlora(A, B, w, layer=layer, A_init=torch.stack([init[pairs[p][0]] for p in layer]).to(A.device),
                           B_init=torch.stack([init[pairs[p][1]] for p in layer]).to(B.device), **o)
 
-    def group_by_group():                       # each stack is dropped before the next is made
+    def group_by_group():
         for group in groups.values():
             item = stack(group)
             yield item, fn(*item[1:], layer=group, **options)
-            del item
+            del item                            # this group's stack is freed before the next is made
 
     if method == "lorafair" and options.get("solver") == "sgd":   # one SGD loop over all groups: all at once
         stacks = [stack(group) for group in groups.values()]
@@ -323,11 +326,13 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
                 out.state[pairs[p][1]] = one.B
             if one.delta_w is not None:
                 out.delta_w[p] = one.delta_w
+            if not diagnose:
+                continue
             out.cos[p], out.rel_err[p], out.scale[p] = (x.item() for x in diagnostics(one, A[i], B[i], wg))
             out.cos_fedit[p], out.ceiling[p] = (x.item() for x in bias_bounds(A[i], B[i], wg))
             if method == "lorafair":
                 out.eq8[p] = tuple(x.item() for x in eq8_from_factors(one, A[i], B[i], wg, options.get("lam", 0.01)))
-        del A, B, upd, one
+        del A, B, upd, one                      # the loop's last references to this group's stack
     factors = {k for ab in pairs.values() for k in ab}
     for key in keys:
         if key in factors:

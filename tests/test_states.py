@@ -333,6 +333,7 @@ returned = sum(x.numel() * x.element_size() for x in out.delta_w.values()) / 2**
 print((rss("VmHWM") - before) / 1024, returned, len(out.cos))
 """
 FOLDS = ("flora", "fedex", "florist", "frlora")
+linux_rss = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS is read from Linux's /proc")
 
 
 def _peak(method: str, dtype: str = "float32") -> tuple[float, float]:
@@ -349,6 +350,7 @@ def _peak(method: str, dtype: str = "float32") -> tuple[float, float]:
     return float(peak_mib), float(returned_mib)
 
 
+@linux_rss
 @pytest.mark.parametrize("method", [m for m in AGGREGATORS if m not in FOLDS])
 def test_a_stack_of_layers_is_measured_one_dense_layer_at_a_time(method):
     """aggregate_states on 32 layers of 1024 x 1024: one dense layer is 4 MiB in float32, the stack
@@ -358,6 +360,7 @@ def test_a_stack_of_layers_is_measured_one_dense_layer_at_a_time(method):
     assert returned == 0 and peak < 96, peak                              # one stack tensor: 128 MiB
 
 
+@linux_rss
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("method", FOLDS)
 def test_a_folding_method_holds_its_dense_result_and_one_layer_more(method, dtype):
@@ -391,6 +394,7 @@ print((rss("VmHWM") - before) / 1024, inputs, len(out.cos))
 """
 
 
+@linux_rss
 @pytest.mark.parametrize("method, opts", [("fedit", {}), ("lorafair", {}), ("flexlora", {})])
 def test_shape_groups_are_stacked_one_at_a_time(method, opts):
     """aggregate_states stacks each shape group's factors (a copy) for one batched call; the groups
@@ -451,3 +455,17 @@ def test_peft_states_of_different_ranks_are_padded_aggregated_and_cut_back(metho
         at_rank(padded8[0], 9)
     fedsa = aggregate_states(padded, w, "fedsa", ranks=ranks)  # no B in the result: cut A alone
     assert all(v.shape[0] == 2 for k, v in at_rank(fedsa.state, 2).items() if k.endswith("lora_A.weight"))
+
+
+@pytest.mark.parametrize("method", ["fedit", "flora", "lorafair"])
+def test_diagnose_false_returns_the_same_update_without_measurements(method):
+    g = torch.Generator().manual_seed(0)
+    states = [{f"b{i}.lora_A.weight": torch.randn(2, 6, generator=g) for i in range(3)} for _ in range(3)]
+    for s in states:
+        s.update({f"b{i}.lora_B.weight": torch.randn(5, 2, generator=g) for i in range(3)}, head=torch.randn(4, generator=g))
+    full = aggregate_states(states, [0.2, 0.3, 0.5], method)
+    bare = aggregate_states(states, [0.2, 0.3, 0.5], method, diagnose=False)
+    assert full.state.keys() == bare.state.keys() and all(torch.equal(full.state[k], bare.state[k]) for k in full.state)
+    assert full.delta_w.keys() == bare.delta_w.keys() and all(torch.equal(full.delta_w[k], bare.delta_w[k])
+                                                              for k in full.delta_w)
+    assert len(full.cos) == 3 and not any((bare.cos, bare.rel_err, bare.cos_fedit, bare.ceiling, bare.scale, bare.eq8))

@@ -109,12 +109,17 @@ def train_client(base, glob: dict, k: int, r: int, method: str, phase, steps: in
 
 
 def blocks(state: dict) -> list[list[str]]:
-    """The state's keys block by block (the `.layers.<i>.` in their names), in the model's order."""
+    """The state's keys block by block (the `.layers.<i>.` in their names), in the model's order;
+    keys outside the blocks (e.g. a head in PEFT's modules_to_save) go with the first block."""
     out: dict[int, list[str]] = {}
     for key in state:
         m = re.search(r"\.layers\.(\d+)\.", key)
         out.setdefault(int(m.group(1)) if m else -1, []).append(key)
-    return [out[i] for i in sorted(out)]
+    order = sorted(i for i in out if i >= 0)
+    if not order:
+        return [out[-1]]
+    out[order[0]] = out.pop(-1, []) + out[order[0]]
+    return [out[i] for i in order]
 
 
 @torch.no_grad()
@@ -130,7 +135,8 @@ def server(base, states: list[dict], sizes: list[int], method: str, glob: dict, 
     options.update({"phase": phase} if method == "rolora" else {})
     out = dict(glob)
     for keys in blocks(padded[0]) if by_block else [list(padded[0])]:
-        part = lambda s: {k: s[k] for k in keys}                            # noqa: E731  this block's keys
+        def part(state: dict) -> dict:                       # this block's keys
+            return {k: state[k] for k in keys}
         new = aggregate_states([part(s) for s in padded], w, method, previous=part(glob),
                                **options, **({"init": part(init)} if init else {}))
         for prefix, dw in new.delta_w.items():              # W0 += s delta_w, layer by layer

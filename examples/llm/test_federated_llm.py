@@ -150,3 +150,11 @@ def test_block_by_block_is_one_call(method):
         torch.testing.assert_close(a[k], b[k], rtol=8e-3, atol=1e-6)
     for n in Wa:
         torch.testing.assert_close(Wa[n], Wb[n], rtol=1e-6, atol=1e-6)
+
+
+def test_blocks_keep_keys_outside_the_blocks():
+    """A key outside the transformer blocks (a saved head) travels with the first block's call, so
+    that call has LoRA pairs to aggregate and the head is FedAvg'd with them."""
+    keys = ["base_model.model.lm_head.weight", "base_model.model.model.layers.1.mlp.up_proj.lora_A.weight",
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "base_model.model.model.layers.10.x"]
+    assert llm.blocks(dict.fromkeys(keys)) == [[keys[0], keys[2]], [keys[1]], [keys[3]]]
