@@ -128,7 +128,7 @@ def _dense(U: Tensor, V: Tensor, dtype: torch.dtype) -> Tensor:
     """U @ V in `dtype`: (..., d_out, k) @ (..., k, d_in) -> (..., d_out, d_in), the dense update a
     folding method returns. For half-precision factors (computed in float32) the result is filled
     one layer at a time, so no float32 copy of the whole stack is ever held beside it (a 7B model's
-    64 gate and up projections: 11.5 GB in float32 for 5.8 GB returned in bf16)."""
+    64 gate and up projections: 10.8 GiB in float32 for 5.4 GiB returned in bf16)."""
     if U.dtype == dtype:
         return U @ V
     if U.shape[:-2] != V.shape[:-2]:

@@ -65,7 +65,7 @@ def diagnostics(update: Update, A: Tensor, B: Tensor, w, *, eps: float = 1e-12) 
     layer: three (...,) tensors. Where the method returns no dense delta_w, from the factors alone
     (dW = U V, dW_applied = B_g A_g: <X, Y> = sum((U^T B_g) * (V A_g^T)), norms alike, in float64);
     where it does, densely one layer at a time. Never a dense tensor for a whole stack of layers
-    (the 64 gate and up projections of a 7B model would be 11.5 GB a tensor)."""
+    (the 64 gate and up projections of a 7B model would be 10.8 GiB a tensor)."""
     if update.delta_w is None:
         A, B = A.detach().double(), B.detach().double()
         w = torch.as_tensor(w).to(A.device, torch.float64)

@@ -128,7 +128,7 @@ def server(base, states: list[dict], sizes: list[int], method: str, glob: dict, 
     """pad_ranks, aggregate_states, the fold into W0, the restart; returns (new global, padded
     uploads, ranks) and changes `base` in place where the method folds. by_block: aggregate and
     fold one transformer block at a time, so that at most one block's dense updates exist at once
-    (what a 7B model needs for FLoRA, FedEx-LoRA, FLoRIST and FRLoRA: 21 GB in float32 at once)."""
+    (what a 7B model needs for FLoRA, FedEx-LoRA, FLoRIST and FRLoRA: 21.1 GiB in float32 at once)."""
     padded, ranks = pad_ranks(states)
     w = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
     options = {"ranks": ranks} if len(set(ranks)) > 1 else {}
