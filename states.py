@@ -16,7 +16,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from aggregators import Update, check_weights, frlora, get_aggregator, lorafair_groups, stacked_factors, weighted_mean
+from aggregators import Update, check_weights, get_aggregator, lorafair_groups, stacked_factors, weighted_mean
 
 
 # ----------------------------------------------------------------------------- how far from dW
@@ -300,7 +300,9 @@ def aggregate_states(states: Sequence[Mapping[str, Tensor]], weights, method: st
         if init is None or any(k not in init for ab in pairs.values() for k in ab):
             raise ValueError("frlora needs init= the initial adapter (aggregators.frlora_init), keyed as the states")
 
-        def fn(A: Tensor, B: Tensor, w: Tensor, layer: list[str], **o) -> Update:
+        frlora = fn
+
+        def fn(A: Tensor, B: Tensor, w: Tensor, layer: list[str], **o) -> Update:   # frlora, given the group's init
             return frlora(A, B, w, layer=layer, A_init=torch.stack([init[pairs[p][0]] for p in layer]).to(A.device),
                           B_init=torch.stack([init[pairs[p][1]] for p in layer]).to(B.device), **o)
 

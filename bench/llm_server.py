@@ -29,6 +29,7 @@ one layer at a time, the largest layer's.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -221,8 +222,11 @@ def table(rows: dict) -> list[str]:
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--table", action="store_true", help="print the tables again from the committed figures")
+    args = p.parse_args()
     path = os.path.join(ROOT, "bench", "results", "llm_server.json")
-    if sys.argv[1:] == ["--table"]:            # the table again from the measured figures
+    if args.table:
         with open(path) as f:
             print("\n".join(table(json.load(f))))
         return
@@ -232,8 +236,9 @@ def main() -> None:
         rows[method]["float32, diagnose=False"] = model(method, "float32", diagnose=False)
         rows[method]["reference"] = references(method)
         print(method, rows[method], file=sys.stderr, flush=True)
-        with open(path, "w") as f:
+        with open(path + ".partial", "w") as f:        # the committed figures stay until the run completes
             json.dump(rows, f, indent=1)
+    os.replace(path + ".partial", path)
     lines = table(rows)
     with open(os.path.join(ROOT, "bench", "results", "llm_server.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -311,11 +311,22 @@ def test_aggregate_states_with_the_previous_state_keeps_what_no_client_trained(m
         assert torch.equal(A, prev["l.lora_A.weight"])
 
 
-PEAK = """
+MEASURED = """
 import sys, torch
 sys.path.insert(0, {root!r})
 from states import aggregate_states
 torch.manual_seed(0)
+{setup}
+inputs = sum({{x.data_ptr(): x.numel() * x.element_size() for s in states for x in s.values()}}.values()) / 2**20
+with open("/proc/self/clear_refs", "w") as f:    # the peak from here on
+    f.write("5")
+rss = lambda key: int([x for x in open("/proc/self/status") if x.startswith(key)][0].split()[1])
+before = rss("VmRSS")
+out = aggregate_states(states, [1 / K] * K, {method!r}, **opts)
+returned = sum(x.numel() * x.element_size() for x in out.delta_w.values()) / 2**20
+print((rss("VmHWM") - before) / 1024, returned, inputs, len(out.cos))
+"""
+STACK = """
 L, K, r, d, dt = 32, 4, 4, 1024, getattr(torch, {dtype!r})   # 32 same-shape layers: one stack
 shared = {{i: torch.randn(r, d).to(dt) for i in range(L)}}   # a shared A where the method needs one
 own = {method!r} not in ("ffa", "rolora", "fedsvd", "frlora")
@@ -324,30 +335,32 @@ states = [{{f"blocks.{{i}}.mlp.fc1.lora_A.weight": torch.randn(r, d).to(dt) if o
 for s in states:
     s.update({{f"blocks.{{i}}.mlp.fc1.lora_B.weight": torch.randn(d, r).to(dt) for i in range(L)}})
 opts = {{"phase": "B"}} if {method!r} == "rolora" else {{"init": dict(states[0])}} if {method!r} == "frlora" else {{}}
-with open("/proc/self/clear_refs", "w") as f:    # the peak from here on
-    f.write("5")
-rss = lambda key: int([x for x in open("/proc/self/status") if x.startswith(key)][0].split()[1])
-before = rss("VmRSS")
-out = aggregate_states(states, [0.25] * K, {method!r}, **opts)
-returned = sum(x.numel() * x.element_size() for x in out.delta_w.values()) / 2**20
-print((rss("VmHWM") - before) / 1024, returned, len(out.cos))
+"""
+GROUPS = """
+K, r, d_out, opts = 8, 16, 256, {{}}              # 6 shape groups (d_in) of 16 layers, 10-30 MiB of factors each
+states = [{{}} for _ in range(K)]
+for g, d_in in enumerate((1024, 1536, 2048, 2560, 3072, 3584)):
+    for i in range(16):
+        for s in states:
+            s[f"g{{g}}.l{{i}}.lora_A.weight"], s[f"g{{g}}.l{{i}}.lora_B.weight"] = torch.randn(r, d_in), torch.randn(d_out, r)
 """
 FOLDS = ("flora", "fedex", "florist", "frlora")
 linux_rss = pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS is read from Linux's /proc")
 
 
-def _peak(method: str, dtype: str = "float32") -> tuple[float, float]:
-    """aggregate_states' peak RSS above its inputs (MiB) on PEAK's stack, and what it returned dense (MiB)."""
+def _measure(setup: str, method: str, dtype: str = "float32") -> tuple[float, float, float, int]:
+    """aggregate_states on the states `setup` makes, in a fresh process: its peak RSS above the
+    inputs, what it returned dense, the inputs (MiB), and the layers measured."""
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", PEAK.format(root=root, method=method, dtype=dtype)],
-                         capture_output=True, text=True,   # a fixed mmap threshold: freed blocks leave RSS
+    code = MEASURED.format(root=root, method=method, setup=setup.format(method=method, dtype=dtype))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         # a fixed mmap threshold: freed blocks leave RSS rather than linger in the heap
                          env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
     assert res.returncode == 0, res.stderr[-2000:]
-    peak_mib, returned_mib, layers = res.stdout.split()
-    assert int(layers) == 32
-    return float(peak_mib), float(returned_mib)
+    peak, returned, inputs, layers = (float(x) for x in res.stdout.split())
+    return peak, returned, inputs, int(layers)
 
 
 @linux_rss
@@ -356,8 +369,8 @@ def test_a_stack_of_layers_is_measured_one_dense_layer_at_a_time(method):
     """aggregate_states on 32 layers of 1024 x 1024: one dense layer is 4 MiB in float32, the stack
     128 MiB a tensor (the diagnostics formed several: about 400 MiB at the peak). The peak above
     the inputs stays below one stack tensor, whatever the stack's size."""
-    peak, returned = _peak(method)
-    assert returned == 0 and peak < 96, peak                              # one stack tensor: 128 MiB
+    peak, returned, _, layers = _measure(STACK, method)
+    assert layers == 32 and returned == 0 and peak < 96, peak             # one stack tensor: 128 MiB
 
 
 @linux_rss
@@ -368,47 +381,19 @@ def test_a_folding_method_holds_its_dense_result_and_one_layer_more(method, dtyp
     float32, 64 MiB in bf16); beyond that, the peak stays below half of one float32 stack tensor
     (about 30 MiB: one layer's dense temporaries). In bf16 they computed the stack in float32 and
     then cast it, 128 MiB more."""
-    peak, returned = _peak(method, dtype)
-    assert returned == 32 * 1024 * 1024 * (4 if dtype == "float32" else 2) / 2**20
+    peak, returned, _, layers = _measure(STACK, method, dtype)
+    assert layers == 32 and returned == 32 * 1024 * 1024 * (4 if dtype == "float32" else 2) / 2**20
     assert peak - returned < 64, (peak, returned)
 
 
-GROUPS = """
-import sys, torch
-sys.path.insert(0, {root!r})
-from states import aggregate_states
-torch.manual_seed(0)
-K, r, d_out = 8, 16, 256                          # 6 shape groups (d_in) of 16 layers, 10-30 MiB of factors each
-states = [{{}} for _ in range(K)]
-for g, d_in in enumerate((1024, 1536, 2048, 2560, 3072, 3584)):
-    for i in range(16):
-        for s in states:
-            s[f"g{{g}}.l{{i}}.lora_A.weight"], s[f"g{{g}}.l{{i}}.lora_B.weight"] = torch.randn(r, d_in), torch.randn(d_out, r)
-inputs = sum(x.numel() * x.element_size() for s in states for x in s.values()) / 2**20
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-rss = lambda key: int([x for x in open("/proc/self/status") if x.startswith(key)][0].split()[1])
-before = rss("VmRSS")
-out = aggregate_states(states, [1 / K] * K, {method!r}, **{opts!r})
-print((rss("VmHWM") - before) / 1024, inputs, len(out.cos))
-"""
-
-
 @linux_rss
-@pytest.mark.parametrize("method, opts", [("fedit", {}), ("lorafair", {}), ("flexlora", {})])
-def test_shape_groups_are_stacked_one_at_a_time(method, opts):
+@pytest.mark.parametrize("method", ["fedit", "lorafair", "flexlora"])
+def test_shape_groups_are_stacked_one_at_a_time(method):
     """aggregate_states stacks each shape group's factors (a copy) for one batched call; the groups
     are handled one after another, so the peak above the inputs is one group's copy and what the
     method takes on it (QR, float64 solver), plus the results (an eighth of the inputs): 0.3-0.85x
     the inputs here. Stacked all at once, with a second copy while stacking, it was 1.9-2x."""
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", GROUPS.format(root=root, method=method, opts=opts)],
-                         capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    peak, inputs, layers = (float(x) for x in res.stdout.split())
+    peak, _, inputs, layers = _measure(GROUPS, method)
     assert layers == 96 and peak < 1.25 * inputs, (peak, inputs)
 
 
